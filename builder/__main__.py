@@ -1,0 +1,6 @@
+"""`python -m builder ...` is the `tunefile` command."""
+import sys
+
+from builder.cli import main
+
+sys.exit(main())

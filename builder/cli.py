@@ -1,0 +1,176 @@
+"""The `tunefile` command line: parse arguments, call one function, print.
+
+    tunefile validate [RECIPE...]        tunefile plan RECIPE
+    tunefile build RECIPE [--until S]    tunefile stage STAGE RECIPE
+    tunefile dvc [--check]               tunefile resolve        tunefile vendor
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from builder.errors import RecipeError, TunefileError
+from builder.project import Project, load_project
+
+
+def _stage_map(project: Project, recipe_name: str):
+    from builder.plan import plan_stages
+
+    recipe = project.load_recipe(recipe_name)
+    return recipe, {s.name: s for s in plan_stages(recipe, project)}
+
+
+def _needed(plan: dict, target: str) -> list[str]:
+    """target and everything upstream of it, in build order."""
+    wanted, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += plan[name].upstream
+    return [name for name in plan if name in wanted]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    project = load_project()
+    names = args.recipes or list(project.params.recipes)
+    problems = []
+    for name in names:
+        try:
+            project.load_recipe(name)
+            print(f"ok: {project.recipe_path(name)}")
+        except RecipeError as exc:
+            problems += exc.problems
+    if problems:
+        raise RecipeError(problems)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from builder.plan import explain_changes
+    from builder.stages import read_manifest
+
+    project = load_project()
+    _, plan = _stage_map(project, args.recipe)
+    for stage in plan.values():
+        manifest = read_manifest(project.stage_dir(args.recipe, stage.name))
+        if manifest is None:
+            status = "not built"
+        elif manifest.get("key") == stage.key:
+            status = "up to date"
+        else:
+            changes = explain_changes(manifest.get("inputs", {}), stage.inputs)
+            status = "stale: " + ("; ".join(changes) if changes else "key changed")
+        print(f"{stage.name:<20} {stage.key[:12]}  {status}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from builder.stages import is_built, run_stage
+
+    project = load_project()
+    recipe, plan = _stage_map(project, args.recipe)
+    target = args.until or list(plan)[-1]
+    if target not in plan:
+        raise TunefileError(f"--until {target}: no such stage in {args.recipe}; stages: {', '.join(plan)}")
+    names = _needed(plan, target) if args.until else list(plan)
+    for name in names:
+        if is_built(project, plan[name]):
+            print(f"{args.recipe}/{name}: up to date")
+            continue
+        started = time.time()
+        run_stage(project, recipe, plan[name], plan)
+        print(f"{args.recipe}/{name}: built in {time.time() - started:.1f}s")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from builder.stages import run_stage
+
+    project = load_project()
+    recipe, plan = _stage_map(project, args.recipe)
+    if args.stage not in plan:
+        raise TunefileError(f"no stage '{args.stage}' in {args.recipe}; stages: {', '.join(plan)}")
+    started = time.time()
+    run_stage(project, recipe, plan[args.stage], plan)
+    print(f"{args.recipe}/{args.stage}: built in {time.time() - started:.1f}s")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from builder.dvcgen import plan_project, render_dvc_yaml, write_specs
+
+    project = load_project()
+    plans = plan_project(project)
+    dvc_yaml = project.root / "dvc.yaml"
+    if not dvc_yaml.is_file() or dvc_yaml.read_text() != render_dvc_yaml(project, plans):
+        raise TunefileError("dvc.yaml does not match params.yaml and the recipes; run `tunefile dvc`")
+    for name in write_specs(project, plans):
+        print(f"{name}: key changed")
+    return 0
+
+
+def cmd_dvc(args: argparse.Namespace) -> int:
+    from builder.dvcgen import plan_project, render_dvc_yaml
+
+    project = load_project()
+    text = render_dvc_yaml(project, plan_project(project))
+    path = project.root / "dvc.yaml"
+    current = path.read_text() if path.is_file() else None
+    if args.check:
+        if current != text:
+            raise TunefileError(f"{path} is stale; run `tunefile dvc` and commit it")
+        print(f"{path}: up to date")
+        return 0
+    if current != text:
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_vendor(args: argparse.Namespace) -> int:
+    from builder.vendor import ensure_converter
+
+    print(ensure_converter())
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunefile", description="Declarative builds for instruction tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check recipes without building")
+    p.add_argument("recipes", nargs="*", help="recipe names or paths (default: params.yaml's list)")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("plan", help="each stage, its key, and whether it is up to date")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("build", help="build a recipe without DVC (same code as the DVC stages)")
+    p.add_argument("recipe")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. dataset, quantize@q8_0)")
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    p.add_argument("stage")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("resolve", help="write the per-stage spec files dvc.yaml depends on")
+    p.set_defaults(func=cmd_resolve)
+    p = sub.add_parser("dvc", help="write (or --check) dvc.yaml from params.yaml")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(func=cmd_dvc)
+    p = sub.add_parser("vendor", help="fetch llama.cpp's HF->GGUF converter for the installed llama-cpp-python")
+    p.set_defaults(func=cmd_vendor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TunefileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

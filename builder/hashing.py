@@ -1,0 +1,76 @@
+"""Content keys: canonical JSON, xxh3-128 file digests with a stat cache, stage keys.
+
+A stage key is xxh3-128 over the canonical JSON of the stage's effective inputs. Files are
+hashed once per (size, mtime, inode); later plans read the digest from the stat cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import xxhash
+
+CHUNK = 1 << 20
+
+
+def canonical_json(value: object) -> str:
+    """Sorted keys, no whitespace, no NaN: the same value always gives the same text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def hash_text(text: str) -> str:
+    return xxhash.xxh3_128_hexdigest(text.encode("utf-8"))
+
+
+def hash_value(value: object) -> str:
+    return hash_text(canonical_json(value))
+
+
+def _hash_file(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class StatCache:
+    """path -> digest, trusted while (size, mtime_ns, inode) are unchanged. Saved as JSON."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged cache costs a rehash, never a wrong digest
+
+    def digest(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self.entries.get(str(path))
+        if entry and entry[:3] == stamp:
+            return entry[3]
+        digest = _hash_file(path)
+        self.entries[str(path)] = stamp + [digest]
+        self.dirty = True
+        return digest
+
+    def digest_tree(self, root: Path) -> dict[str, str]:
+        """Digests of every file under root, keyed by relative path (sorted, stable)."""
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return {p.relative_to(root).as_posix(): self.digest(p) for p in files}
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(canonical_json(self.entries))
+        os.replace(tmp, self.path)
+        self.dirty = False

@@ -1,0 +1,31 @@
+"""Built-in base models, generated deterministically on the spot (no download).
+
+`builtin:tiny-llama` is a 2-layer Llama (hidden 256, intermediate 512: K-quants apply) with a
+byte-level BPE tokenizer trained on `tiny_corpus.txt`, which ships with the package.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CORPUS = Path(__file__).with_name("tiny_corpus.txt")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    version: int  # bump when the generated files change on purpose (it is part of the base key)
+    seed: int
+    vocab_size: int
+    config: dict = field(default_factory=dict)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny-llama": BuiltinModel(
+        version=1,
+        seed=1234,
+        vocab_size=2048,
+        config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    ),
+}

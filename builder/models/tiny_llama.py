@@ -1,0 +1,47 @@
+"""Generate `builtin:tiny-llama`: train its tokenizer on the shipped corpus, then a seeded Llama.
+
+Run by the `base` stage; the same version, seed and corpus give the same files, byte for byte.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.models import CORPUS, BuiltinModel
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_tokenizer(spec: BuiltinModel, corpus: Path = CORPUS):
+    """A byte-level BPE with the GPT-2 split regex (llama.cpp's `gpt-2` pre-tokenizer matches it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # Untrimmed offsets: a token's characters are exactly the ones it encodes (loss masks use them).
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    tok.train_from_iterator(lines, trainer, length=len(lines))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=spec.config["max_position_embeddings"],
+                                   additional_special_tokens=SPECIAL_TOKENS[3:])
+
+
+def build_tiny_llama(spec: BuiltinModel, out_dir: Path) -> None:
+    """Write an HF model folder (config, safetensors weights, tokenizer) to out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(spec)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **spec.config)
+    with torch.random.fork_rng(devices=[]):  # seed locally; the caller's RNG state is untouched
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,154 @@
+"""Recipe -> stages with content keys. Pure: reads recipes and file digests, imports no torch.
+
+Each stage's key hashes exactly what its output depends on: the recipe slice it reads, the
+digests of the files it reads, the keys of the stages it reads from, a per-stage code version
+(bump it when a stage's output changes on purpose) and the versions of the libraries that
+shape its output.
+"""
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from builder.hashing import StatCache, canonical_json, hash_value
+from builder.models import BUILTIN_MODELS, CORPUS
+from builder.project import Project
+from builder.recipe import Recipe
+from builder.templates import BUILTIN_TEMPLATES
+
+CODE_VERSIONS = {"base": 1, "dataset": 1, "train": 1, "merge": 1, "gguf": 1, "quantize": 1, "eval": 1}
+# The libraries whose versions can change each stage's bytes.
+LIBRARIES = {
+    "base": ("tokenizers", "torch", "transformers", "safetensors"),
+    "dataset": ("tokenizers", "transformers", "pyarrow"),
+    "train": ("accelerate", "peft", "torch", "transformers", "safetensors"),
+    "merge": ("peft", "torch", "transformers", "safetensors"),
+    "gguf": ("llama_cpp_python",),
+    "quantize": ("llama_cpp_python",),
+    "eval": ("llama_cpp_python",),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    recipe: str
+    name: str                    # "dataset", "quantize@q8_0"
+    upstream: tuple[str, ...]    # names of the stages whose outputs this one reads
+    inputs: dict                 # everything the key covers (canonical-JSON-able)
+    key: str
+
+    @property
+    def kind(self) -> str:
+        return self.name.split("@")[0]
+
+    @property
+    def param(self) -> str | None:
+        return self.name.split("@")[1] if "@" in self.name else None
+
+
+@lru_cache(maxsize=None)
+def library_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not-installed"
+
+
+def _files_of(pattern: str, root: Path, stat: StatCache) -> dict[str, str]:
+    matches = sorted(glob.glob(str(root / pattern)))
+    return {Path(m).relative_to(root).as_posix(): stat.digest(Path(m)) for m in matches}
+
+
+def _base_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
+    model = recipe.base.model
+    if model.startswith("builtin:"):
+        spec = BUILTIN_MODELS[model.removeprefix("builtin:")]
+        return {"builtin": {"version": spec.version, "seed": spec.seed, "vocab_size": spec.vocab_size,
+                            "config": spec.config, "corpus": stat.digest(CORPUS)}}
+    if model.startswith("hf:"):
+        repo, _, revision = model[3:].partition("@")
+        return {"hub": {"repo": repo, "revision": revision}}
+    return {"files": stat.digest_tree(root / model)}
+
+
+def _template_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
+    # `base` means the base tokenizer's template: the base key already covers it.
+    if recipe.template == "base":
+        return {"name": "base"}
+    path = BUILTIN_TEMPLATES.get(recipe.template) or root / recipe.template
+    return {"name": recipe.template, "digest": stat.digest(path)}
+
+
+def _stage(recipe: Recipe, name: str, upstream: list[Stage], slice_: dict, extra: dict) -> Stage:
+    kind = name.split("@")[0]
+    inputs = {
+        "stage": kind,
+        "code_version": CODE_VERSIONS[kind],
+        "recipe": slice_,
+        "upstream": {s.name: s.key for s in upstream},
+        "libraries": {lib: library_version(lib) for lib in LIBRARIES[kind]},
+        **extra,
+    }
+    return Stage(recipe=recipe.name, name=name, upstream=tuple(s.name for s in upstream),
+                 inputs=inputs, key=hash_value(inputs))
+
+
+def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None) -> list[Stage]:
+    """The recipe's stages in build order, each with its key."""
+    own_cache = stat is None
+    stat = stat or StatCache(project.cache_dir / "stat-cache.json")
+    root = project.root
+    base = _stage(recipe, "base", [], recipe.slice("base"), {"model": _base_identity(recipe, root, stat)})
+    sources = {s.name: _files_of(s.path, root, stat) for s in recipe.sources}
+    dataset = _stage(recipe, "dataset", [base],
+                     {**recipe.slice("template", "system_prompt", "sources", "mixture"),
+                      "train": {k: recipe.train.model_dump(mode="json")[k] for k in ("train_on", "max_length")}},
+                     {"files": sources, "template": _template_identity(recipe, root, stat)})
+    train = _stage(recipe, "train", [base, dataset], recipe.slice("train"), {})
+    stages = [base, dataset, train]
+    if recipe.export.merge:
+        merge = _stage(recipe, "merge", [base, train], recipe.slice("template"),
+                       {"template": _template_identity(recipe, root, stat)})
+        stages.append(merge)
+        if recipe.export.gguf is not None:
+            gguf = _stage(recipe, "gguf", [merge], {"dtype": recipe.export.gguf.dtype}, {})
+            stages.append(gguf)
+            for quant in recipe.export.gguf.quantize:
+                quantize = _stage(recipe, f"quantize@{quant}", [gguf], {"type": quant}, {})
+                evaluate = _stage(recipe, f"eval@{quant}", [quantize, dataset], {"type": quant}, {})
+                stages += [quantize, evaluate]
+    if own_cache:
+        stat.save()
+    return stages
+
+
+def spec_text(stage: Stage) -> str:
+    """The spec file DVC depends on: its bytes change iff the stage key changes."""
+    return json.dumps({"key": stage.key, "recipe": stage.recipe, "stage": stage.name,
+                       "inputs": stage.inputs}, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def explain_changes(old_inputs: dict, new_inputs: dict) -> list[str]:
+    """`train.lr: 0.0002 -> 0.0001` lines for every leaf input that differs."""
+    old, new = _flatten(old_inputs), _flatten(new_inputs)
+    lines = []
+    for path in sorted(set(old) | set(new)):
+        if old.get(path, "<absent>") != new.get(path, "<absent>"):
+            before = canonical_json(old[path]) if path in old else "<absent>"
+            after = canonical_json(new[path]) if path in new else "<absent>"
+            lines.append(f"{path}: {before} -> {after}")
+    return lines
+

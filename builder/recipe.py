@@ -1,0 +1,215 @@
+"""Recipe: what model to build. YAML -> frozen pydantic models; every error names file:line and key.
+
+    recipe = load_recipe(Path("recipes/default.yaml"))
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from builder.errors import RecipeError
+from builder.quant import GGUF_DTYPES, QUANT_TYPES
+from builder.templates import BUILTIN_TEMPLATES
+from builder.yamlfile import YamlDoc, load_yaml
+
+NAME_PATTERN = r"^[a-z0-9_-]+$"
+SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Keys that annotate a recipe and never change what is built (excluded from stage keys).
+ANNOTATION_KEYS = ("description",)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseSpec(Strict):
+    model: str = Field(description="builtin:NAME | path/to/hf-model-dir | hf:org/name@revision")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        from builder.models import BUILTIN_MODELS  # noqa: PLC0415 (keeps the registry lazy)
+
+        if value.startswith("builtin:"):
+            if value[len("builtin:"):] not in BUILTIN_MODELS:
+                allowed = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
+                raise ValueError(f"unknown builtin model '{value}'; allowed: {allowed}")
+        elif value.startswith("hf:"):
+            repo, _, revision = value[3:].partition("@")
+            if not repo or "/" not in repo or not revision:
+                raise ValueError(f"'{value}' must be hf:org/name@revision (the revision pins the "
+                                 "exact files, e.g. a commit hash)")
+        return value
+
+
+class SourceSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str
+    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "self_instruct"]
+    weight: float = Field(default=1.0, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if value.startswith("hf:"):
+            raise ValueError("hub datasets (hf:...) are not supported yet; use a local "
+                             f"{'/'.join(SOURCE_SUFFIXES)} file or glob")
+        if not value.endswith(SOURCE_SUFFIXES):
+            raise ValueError(f"'{value}' has an unknown suffix; allowed: {', '.join(SOURCE_SUFFIXES)}")
+        return value
+
+
+class MixtureSpec(Strict):
+    size: Optional[int] = Field(default=None, gt=0)
+    seed: int = 0
+    dedup: Literal["none", "exact"] = "exact"
+    eval_fraction: float = Field(default=0.05, ge=0, lt=1)
+
+
+class LoraSpec(Strict):
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class TrainSpec(Strict):
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"
+    max_length: int = Field(default=512, gt=8)
+    packing: bool = True
+    epochs: int = Field(default=1, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    seed: int = 0
+
+
+class GgufSpec(Strict):
+    dtype: Literal[GGUF_DTYPES] = "f16"  # type: ignore[valid-type]
+    quantize: tuple[str, ...] = ()
+
+    @field_validator("quantize")
+    @classmethod
+    def _check_quantize(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for quant in value:
+            if quant not in QUANT_TYPES:
+                raise ValueError(f"unknown quant type '{quant}'; allowed: {', '.join(sorted(QUANT_TYPES))}")
+        if len(set(value)) != len(value):
+            raise ValueError("quant types repeat")
+        return value
+
+
+class ExportSpec(Strict):
+    merge: bool = True
+    gguf: Optional[GgufSpec] = GgufSpec()
+
+    @model_validator(mode="after")
+    def _gguf_needs_merge(self) -> "ExportSpec":
+        if self.gguf is not None and not self.merge:
+            raise ValueError("export.gguf converts the merged model; set export.merge: true "
+                             "or remove export.gguf")
+        return self
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: Optional[str] = None
+    base: BaseSpec
+    template: str = "chatml"
+    system_prompt: Optional[str] = None
+    sources: tuple[SourceSpec, ...] = Field(min_length=1)
+    mixture: MixtureSpec = MixtureSpec()
+    train: TrainSpec = TrainSpec()
+    export: ExportSpec = ExportSpec()
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        if value == "base" or value in BUILTIN_TEMPLATES or value.endswith((".jinja", ".j2")):
+            return value
+        allowed = ", ".join(sorted(BUILTIN_TEMPLATES))
+        raise ValueError(f"unknown template '{value}'; allowed: {allowed}, base, or a path to a .jinja file")
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "Recipe":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names repeat: {names}")
+        return self
+
+    def slice(self, *keys: str) -> dict:
+        """The JSON-able part of the recipe under `keys` (what a stage reads), annotations dropped."""
+        data = self.model_dump(mode="json", exclude=set(ANNOTATION_KEYS))
+        return {k: data[k] for k in keys}
+
+
+def _submodel(annotation: object) -> type[BaseModel] | None:
+    """The model inside an annotation: X, Optional[X] or tuple[X, ...]."""
+    candidates = (annotation, *getattr(annotation, "__args__", ()))
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model that sits at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        if isinstance(part, str):
+            model = _submodel(model.model_fields[part].annotation) or model
+    return sorted(model.model_fields)
+
+
+def format_errors(doc: YamlDoc, exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One `file:line: key: what is wrong (allowed ...)` line per pydantic error."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(model, loc[:-1]))
+            msg = f"unknown key '{key}'; allowed here: {allowed}"
+        elif err["type"] == "missing":
+            msg = f"missing required key '{key}'"
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            msg = f"{key}: {text} (got {err['input']!r})"
+        problems.append(f"{doc.where(loc)}: {msg}")
+    return problems
+
+
+def _check_files(doc: YamlDoc, recipe: Recipe, root: Path) -> list[str]:
+    """Problems with files the recipe names (checked before any slow work starts)."""
+    problems = []
+    for i, source in enumerate(recipe.sources):
+        if not glob.glob(str(root / source.path)):
+            problems.append(f"{doc.where(('sources', i, 'path'))}: source '{source.name}': "
+                            f"no file matches '{source.path}' (relative to {root})")
+    model = recipe.base.model
+    if not model.startswith(("builtin:", "hf:")) and not (root / model / "config.json").is_file():
+        problems.append(f"{doc.where(('base', 'model'))}: base.model '{model}' is not an HF model "
+                        "folder (no config.json); use builtin:NAME, a folder, or hf:org/name@revision")
+    if recipe.template.endswith((".jinja", ".j2")) and not (root / recipe.template).is_file():
+        problems.append(f"{doc.where(('template',))}: template file '{recipe.template}' not found")
+    return problems
+
+
+def load_recipe(path: Path, root: Path | None = None) -> Recipe:
+    """Load and validate a recipe; raise RecipeError listing every problem with file:line."""
+    path = Path(path)
+    root = Path(root) if root is not None else Path.cwd()
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise RecipeError([f"{path}:1: a recipe is a mapping of keys (name, base, sources, ...)"])
+    try:
+        recipe = Recipe.model_validate(doc.data)
+    except ValidationError as exc:
+        raise RecipeError(format_errors(doc, exc, Recipe)) from None
+    problems = _check_files(doc, recipe, root)
+    if recipe.name != path.stem:
+        problems.append(f"{doc.where(('name',))}: name '{recipe.name}' must match the file name "
+                        f"'{path.stem}' (it names the build folder and DVC stages)")
+    if problems:
+        raise RecipeError(problems)
+    return recipe

@@ -1,0 +1,50 @@
+"""base stage: the base model as an HF folder (config, safetensors, tokenizer).
+
+builtin:NAME is generated deterministically; a local folder is copied; hf:org/name@revision is
+downloaded at exactly that revision (needs network; offline it fails at once with a message).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from builder.errors import StageError
+from builder.models import BUILTIN_MODELS
+from builder.stages import StageContext
+
+# What an HF model folder needs; README, images, training args etc. are not part of the model.
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    for pattern in MODEL_FILES:
+        for path in sorted(src.glob(pattern)):
+            shutil.copy2(path, dst / path.name)
+
+
+def download_model(repo: str, revision: str, dst: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id=repo, revision=revision, local_dir=dst, allow_patterns=list(MODEL_FILES))
+    except Exception as exc:  # hub errors have many types; all mean "could not fetch"
+        raise StageError(f"could not download hf:{repo}@{revision} ({type(exc).__name__}: {exc}); "
+                         "this needs network access to the Hugging Face hub, or point base.model at a "
+                         "local folder") from None
+    shutil.rmtree(dst / ".cache", ignore_errors=True)
+
+
+def run(ctx: StageContext) -> dict:
+    model = ctx.recipe.base.model
+    if model.startswith("builtin:"):
+        from builder.models.tiny_llama import build_tiny_llama
+
+        build_tiny_llama(BUILTIN_MODELS[model.removeprefix("builtin:")], ctx.out_dir)
+    elif model.startswith("hf:"):
+        repo, _, revision = model[3:].partition("@")
+        download_model(repo, revision, ctx.out_dir)
+    else:
+        copy_model_files(ctx.project.root / model, ctx.out_dir)
+    if not (ctx.out_dir / "config.json").is_file():
+        raise StageError(f"base model {model} has no config.json")
+    return {"model": model}

@@ -1,0 +1,52 @@
+"""gguf stage: llama.cpp's converter (same version as the quantizer) turns the merged model into
+`model-<dtype>.gguf`, with the chat template and tunefile's lineage keys in its metadata."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from builder import __version__
+from builder.errors import StageError
+from builder.stages import StageContext
+from builder.vendor import ensure_converter
+
+# tunefile's builtin tokenizers are byte-level BPEs with GPT-2's split; the converter only knows
+# tokenizers of published models by fingerprint, so it is told which pre-tokenizer to use.
+BUILTIN_PRE_TOKENIZER = "gpt-2"
+
+
+def lineage_metadata(ctx: StageContext) -> dict[str, str]:
+    return {
+        "tunefile.version": __version__,
+        "tunefile.recipe": ctx.recipe.name,
+        "tunefile.base_model": ctx.recipe.base.model,
+        "tunefile.base_key": ctx.plan["base"].key,
+        "tunefile.dataset_key": ctx.plan["dataset"].key,
+        "tunefile.train_key": ctx.plan["train"].key,
+        "tunefile.gguf_key": ctx.stage.key,
+    }
+
+
+def gguf_name(dtype: str) -> str:
+    return f"model-{dtype}.gguf"
+
+
+def run(ctx: StageContext) -> dict:
+    converter = ensure_converter()
+    dtype = ctx.recipe.export.gguf.dtype
+    out = ctx.out_dir / gguf_name(dtype)
+    lineage = {"metadata": lineage_metadata(ctx),
+               "pre_tokenizer": BUILTIN_PRE_TOKENIZER if ctx.recipe.base.model.startswith("builtin:") else None}
+    lineage_file = ctx.out_dir.parent / f".{ctx.out_dir.name}.lineage.json"
+    lineage_file.write_text(json.dumps(lineage, sort_keys=True))
+    cmd = [sys.executable, "-m", "builder.export.convert", str(converter), str(lineage_file), "--",
+           str(ctx.input_dir("merge")), "--outfile", str(out), "--outtype", dtype,
+           "--model-name", ctx.recipe.name]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        lineage_file.unlink(missing_ok=True)
+    if done.returncode != 0 or not out.is_file():
+        raise StageError(f"llama.cpp's converter failed on {ctx.input_dir('merge')}:\n{done.stderr[-3000:]}")
+    return {"file": out.name, "bytes": out.stat().st_size}

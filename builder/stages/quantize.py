@@ -1,0 +1,25 @@
+"""quantize@T stage: llama.cpp's quantizer, in process, from the gguf stage's file to `model-<T>.gguf`."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+from builder.errors import StageError
+from builder.quant import quant_ftype_name
+from builder.stages import StageContext
+from builder.stages.gguf import gguf_name
+
+
+def run(ctx: StageContext) -> dict:
+    import llama_cpp
+
+    quant = ctx.stage.param
+    src = ctx.input_dir("gguf") / gguf_name(ctx.recipe.export.gguf.dtype)
+    dst = ctx.out_dir / gguf_name(quant)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, quant_ftype_name(quant))
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if status != 0 or not dst.is_file():
+        raise StageError(f"llama.cpp could not quantize {src.name} to {quant} (status {status})")
+    return {"file": dst.name, "bytes": dst.stat().st_size}
