@@ -60,12 +60,6 @@ class StatCache:
         self.dirty = True
         return digest
 
-    def digest_tree(self, root: Path) -> dict[str, str]:
-        """Digests of every file under root, keyed by relative path (sorted, stable)."""
-        root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        return {p.relative_to(root).as_posix(): self.digest(p) for p in files}
-
     def save(self) -> None:
         if self.path is None or not self.dirty:
             return

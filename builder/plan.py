@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from builder.hashing import StatCache, canonical_json, hash_value
-from builder.models import BUILTIN_MODELS, CORPUS
+from builder.models import BUILTIN_MODELS, CORPUS, model_files
 from builder.project import Project
 from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
@@ -24,7 +24,7 @@ CODE_VERSIONS = {"base": 1, "dataset": 1, "train": 1, "merge": 1, "gguf": 1, "qu
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),
-    "dataset": ("tokenizers", "transformers", "pyarrow"),
+    "dataset": ("jinja2", "pyarrow", "tokenizers", "transformers"),
     "train": ("accelerate", "peft", "torch", "transformers", "safetensors"),
     "merge": ("peft", "torch", "transformers", "safetensors"),
     "gguf": ("llama_cpp_python",),
@@ -72,7 +72,7 @@ def _base_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
     if model.startswith("hf:"):
         repo, _, revision = model[3:].partition("@")
         return {"hub": {"repo": repo, "revision": revision}}
-    return {"files": stat.digest_tree(root / model)}
+    return {"files": {p.name: stat.digest(p) for p in model_files(root / model)}}
 
 
 def _template_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:

@@ -57,7 +57,7 @@ class SourceSpec(Strict):
         if value.startswith("hf:"):
             raise ValueError("hub datasets (hf:...) are not supported yet; use a local "
                              f"{'/'.join(SOURCE_SUFFIXES)} file or glob")
-        if not value.endswith(SOURCE_SUFFIXES):
+        if not glob.has_magic(value) and not value.endswith(SOURCE_SUFFIXES):
             raise ValueError(f"'{value}' has an unknown suffix; allowed: {', '.join(SOURCE_SUFFIXES)}")
         return value
 

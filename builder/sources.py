@@ -79,6 +79,9 @@ def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[
     rejects: list[Reject] = []
     for file in files:
         rel = Path(file).relative_to(root).as_posix()
+        if Path(file).suffix not in READERS:
+            raise DataError(f"source '{spec.name}': {rel} matches '{spec.path}' but is not one of "
+                            f"{', '.join(READERS)}")
         for number, row in READERS[Path(file).suffix](Path(file)):
             try:
                 if isinstance(row, RowError):

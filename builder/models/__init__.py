@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
+# The files of an HF model folder that make the model (READMEs, images etc. do not); the base
+# stage copies exactly these and the base key hashes exactly these.
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of `folder` that make up the model, sorted."""
+    return sorted({p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
 
 
 @dataclass(frozen=True)

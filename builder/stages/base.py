@@ -9,17 +9,13 @@ import shutil
 from pathlib import Path
 
 from builder.errors import StageError
-from builder.models import BUILTIN_MODELS
+from builder.models import BUILTIN_MODELS, MODEL_FILES, model_files
 from builder.stages import StageContext
-
-# What an HF model folder needs; README, images, training args etc. are not part of the model.
-MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 
 
 def copy_model_files(src: Path, dst: Path) -> None:
-    for pattern in MODEL_FILES:
-        for path in sorted(src.glob(pattern)):
-            shutil.copy2(path, dst / path.name)
+    for path in model_files(src):
+        shutil.copy2(path, dst / path.name)
 
 
 def download_model(repo: str, revision: str, dst: Path) -> None:

@@ -26,7 +26,7 @@ from builder.errors import TunefileError
 TEMPLATE_DIR = Path(__file__).parent
 BUILTIN_TEMPLATES = {p.stem: p for p in sorted(TEMPLATE_DIR.glob("*.jinja"))}
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
-_SENTINEL = "\x1eTF{}\x1f"  # record/unit separators: never in real chat text, survive trim
+_SENTINEL = "\ue000TF{}\ue001"  # private-use characters: not whitespace (survive trim), not in real text
 
 
 class TemplateError(TunefileError):

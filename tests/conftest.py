@@ -1,0 +1,36 @@
+"""Shared fixtures: the repo root, a tiny tokenizer built in-process, and throwaway projects."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The builtin tiny-llama tokenizer, trained in-process from the shipped corpus (~1 s)."""
+    from builder.models import BUILTIN_MODELS
+    from builder.models.tiny_llama import train_tokenizer
+
+    return train_tokenizer(BUILTIN_MODELS["tiny-llama"])
+
+
+def make_project(root: Path, recipe_text: str | None = None, name: str = "default") -> Path:
+    """A project folder with the repo's data, params.yaml and one recipe (default: the repo's)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "data", root / "data")
+    (root / "recipes").mkdir()
+    text = recipe_text if recipe_text is not None else (REPO / "recipes" / "default.yaml").read_text()
+    (root / "recipes" / f"{name}.yaml").write_text(text)
+    (root / "params.yaml").write_text(f"recipes: [{name}]\ndevice: cpu\ncache_dir: .tunefile\n")
+    return root
+
+
+def small_recipe(size: int = 240) -> str:
+    """The default recipe with a smaller mixture, so end-to-end builds take seconds."""
+    text = (REPO / "recipes" / "default.yaml").read_text()
+    assert "size: 2000 " in text
+    return text.replace("size: 2000 ", f"size: {size} ")

@@ -1,0 +1,86 @@
+"""Stage keys: an edit changes exactly the keys of the stages that read what was edited."""
+from __future__ import annotations
+
+import re
+
+from builder.plan import explain_changes, plan_stages
+from builder.project import load_project
+from conftest import REPO, make_project
+
+STAGES = ["base", "dataset", "train", "merge", "gguf", "quantize@q8_0", "eval@q8_0",
+          "quantize@q4_k_m", "eval@q4_k_m"]
+
+
+def keys(root) -> dict[str, str]:
+    project = load_project(root)
+    return {s.name: s.key for s in plan_stages(project.load_recipe("default"), project)}
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    return [name for name in STAGES if before.get(name) != after.get(name)]
+
+
+def edit(root, old: str, new: str) -> None:
+    path = root / "recipes" / "default.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_stage_order_and_key_shape(tmp_path):
+    root = make_project(tmp_path / "p")
+    k = keys(root)
+    assert list(k) == STAGES
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in k.values())
+    assert keys(root) == k  # same inputs, same keys
+
+
+def test_each_edit_changes_exactly_the_stages_downstream(tmp_path):
+    root = make_project(tmp_path / "p")
+    before = keys(root)
+    edit(root, "lr: 2.0e-4", "lr: 1.0e-4")
+    assert changed(before, keys(root)) == STAGES[2:]
+    edit(root, "lr: 1.0e-4", "lr: 2.0e-4")
+    assert keys(root) == before  # reverting restores every key
+    edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_m, q5_k_m]")
+    after = keys(root)
+    assert changed(before, after) == [] and set(after) - set(before) == {"quantize@q5_k_m", "eval@q5_k_m"}
+    edit(root, "weight: 3 ", "weight: 2 ")
+    assert changed(before, keys(root)) == STAGES[1:]
+
+
+def test_annotations_and_comments_change_nothing(tmp_path):
+    root = make_project(tmp_path / "p")
+    before = keys(root)
+    edit(root, "name: default ", "description: tried a thing\nname: default # renamed comment\n# ")
+    assert keys(root) == before
+
+
+def test_data_file_edit_changes_dataset_onward(tmp_path):
+    root = make_project(tmp_path / "p")
+    before = keys(root)
+    with open(root / "data" / "demo_chats.json", "a") as f:
+        f.write(" ")
+    assert changed(before, keys(root)) == STAGES[1:]
+
+
+def test_explain_changes_names_the_edited_input():
+    old = {"recipe": {"train": {"lr": 0.0002, "seed": 1}}, "upstream": {"dataset": "aa"}}
+    new = {"recipe": {"train": {"lr": 0.0001, "seed": 1}}, "upstream": {"dataset": "aa"}}
+    assert explain_changes(old, new) == ["recipe.train.lr: 0.0002 -> 0.0001"]
+
+
+def test_repo_dvc_yaml_is_current(monkeypatch, capsys):
+    from builder.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["dvc", "--check"]) == 0, capsys.readouterr().err
+
+
+def test_quant_table_matches_installed_llama_cpp():
+    import llama_cpp
+
+    from builder.quant import QUANT_TYPES, quant_ftype_name
+
+    for quant, ftype in QUANT_TYPES.items():
+        assert getattr(llama_cpp, quant_ftype_name(quant)) == ftype, quant

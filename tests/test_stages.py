@@ -1,0 +1,69 @@
+"""Dataset labels and training batches, on the real tiny model and tokenizer."""
+from __future__ import annotations
+
+import pytest
+
+from builder.stages.dataset import IGNORE_INDEX, label_tokens
+from builder.stages.train import make_batches, pack_rows, to_tensors
+from builder.templates import BUILTIN_TEMPLATES, render_chat
+
+
+def test_label_tokens_trains_only_tokens_inside_spans():
+    ids = [10, 11, 12, 13, 14]
+    offsets = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 8)]
+    assert label_tokens(ids, offsets, [(2, 6)]) == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, IGNORE_INDEX]
+    # A token that straddles a span edge is not trained; an empty-offset token never is.
+    assert label_tokens(ids, offsets, [(3, 8)]) == [IGNORE_INDEX, IGNORE_INDEX, 12, 13, IGNORE_INDEX]
+
+
+def test_chatml_labels_with_tiny_tokenizer(tiny_tokenizer):
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello world."}]
+    result = render_chat(BUILTIN_TEMPLATES["chatml"].read_text(), messages)
+    enc = tiny_tokenizer(result.text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = label_tokens(enc["input_ids"], enc["offset_mapping"], result.trained_spans)
+    trained = [i for i, label in zip(enc["input_ids"], labels) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(trained) == "Hello world.<|im_end|>"
+    assert trained[-1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_pack_rows_restarts_positions_and_drops_boundary_labels():
+    examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9], [-100, -100, 8, 9])]
+    rows = pack_rows(examples, max_length=6)
+    assert rows == [([1, 2, 3, 4, 5], [-100, 2, 3, -100, 5], [0, 1, 2, 0, 1]),
+                    ([6, 7, 8, 9], [-100, -100, 8, 9], [0, 1, 2, 3])]
+    batch = make_batches(examples, batch_size=2, packing=True, max_length=6, pad_id=0)[0]
+    assert batch.attention_mask is None
+    assert batch.position_ids == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch.labels[1] == [-100, -100, 8, 9, -100]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from builder.models import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS["tiny-llama"]
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), **spec.config)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_packing_does_not_leak_attention_across_examples(tiny_model):
+    """The loss of a packed row equals the loss of its examples run one by one."""
+    import torch
+
+    examples = [([5, 17, 99, 250, 31], [-100, -100, 99, 250, 31]),
+                ([8, 400, 12, 77], [-100, 400, 12, 77]),
+                ([3, 3, 900], [-100, -100, 900])]
+    with torch.no_grad():
+        packed = make_batches(examples, batch_size=1, packing=True, max_length=64, pad_id=2)
+        assert len(packed) == 1
+        packed_logits = tiny_model(**{k: v for k, v in to_tensors(packed[0], "cpu").items() if k != "labels"},
+                                   use_cache=False).logits[0]
+        offset = 0
+        for ids, _ in examples:
+            single = tiny_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed_logits[offset:offset + len(ids)], single, rtol=1e-4, atol=1e-4)
+            offset += len(ids)
