@@ -68,7 +68,8 @@ def _base_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
     if model.startswith("builtin:"):
         spec = BUILTIN_MODELS[model.removeprefix("builtin:")]
         return {"builtin": {"version": spec.version, "seed": spec.seed, "vocab_size": spec.vocab_size,
-                            "config": spec.config, "corpus": stat.digest(CORPUS)}}
+                            "config": spec.config, "pretrain": spec.pretrain,
+                            "corpus": stat.digest(CORPUS)}}
     if model.startswith("hf:"):
         repo, _, revision = model[3:].partition("@")
         return {"hub": {"repo": repo, "revision": revision}}

@@ -1,4 +1,4 @@
-"""Generate `builtin:tiny-llama`: train its tokenizer on the shipped corpus, then a seeded Llama.
+"""Generate `builtin:tiny-llama`: a tokenizer trained on the shipped corpus, a seeded Llama pretrained on it.
 
 Run by the `base` stage; the same version, seed and corpus give the same files, byte for byte.
 """
@@ -31,8 +31,39 @@ def train_tokenizer(spec: BuiltinModel, corpus: Path = CORPUS):
                                    additional_special_tokens=SPECIAL_TOKENS[3:])
 
 
-def build_tiny_llama(spec: BuiltinModel, out_dir: Path) -> None:
-    """Write an HF model folder (config, safetensors weights, tokenizer) to out_dir."""
+def pretrain(model, tokenizer, spec: BuiltinModel, corpus: Path = CORPUS) -> list[float]:
+    """Full training on random windows of the corpus; returns the loss curve."""
+    import random
+
+    import torch
+
+    settings = spec.pretrain
+    # One stream of paragraphs, each closed by eos (as documents are in real pretraining).
+    paragraphs = [p for p in corpus.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    ids = [t for row in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]
+           for t in row + [tokenizer.eos_token_id]]
+    rng = random.Random(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings["steps"])
+    width = settings["seq_len"]
+    losses = []
+    model.train()
+    for _ in range(settings["steps"]):
+        starts = [rng.randrange(len(ids) - width) for _ in range(settings["batch_size"])]
+        batch = torch.tensor([ids[s:s + width] for s in starts])
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build_tiny_llama(spec: BuiltinModel, out_dir: Path) -> dict:
+    """Write an HF model folder (config, safetensors weights, tokenizer) to out_dir; return the
+    pretraining loss at the first and last step."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,5 +74,7 @@ def build_tiny_llama(spec: BuiltinModel, out_dir: Path) -> None:
     with torch.random.fork_rng(devices=[]):  # seed locally; the caller's RNG state is untouched
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config).to(torch.float32)
+        losses = pretrain(model, tokenizer, spec)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    return {"pretrain_loss_first": round(losses[0], 4), "pretrain_loss_last": round(losses[-1], 4)}

@@ -32,10 +32,11 @@ def download_model(repo: str, revision: str, dst: Path) -> None:
 
 def run(ctx: StageContext) -> dict:
     model = ctx.recipe.base.model
+    summary: dict = {}
     if model.startswith("builtin:"):
         from builder.models.tiny_llama import build_tiny_llama
 
-        build_tiny_llama(BUILTIN_MODELS[model.removeprefix("builtin:")], ctx.out_dir)
+        summary = build_tiny_llama(BUILTIN_MODELS[model.removeprefix("builtin:")], ctx.out_dir)
     elif model.startswith("hf:"):
         repo, _, revision = model[3:].partition("@")
         download_model(repo, revision, ctx.out_dir)
@@ -43,4 +44,4 @@ def run(ctx: StageContext) -> dict:
         copy_model_files(ctx.project.root / model, ctx.out_dir)
     if not (ctx.out_dir / "config.json").is_file():
         raise StageError(f"base model {model} has no config.json")
-    return {"model": model}
+    return {"model": model, **summary}
