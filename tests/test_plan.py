@@ -84,3 +84,33 @@ def test_quant_table_matches_installed_llama_cpp():
 
     for quant, ftype in QUANT_TYPES.items():
         assert getattr(llama_cpp, quant_ftype_name(quant)) == ftype, quant
+
+
+def test_resolve_writes_specs_only_when_keys_change(tmp_path, monkeypatch, capsys):
+    from builder.cli import main
+
+    root = make_project(tmp_path / "p")
+    monkeypatch.chdir(root)
+    assert main(["resolve"]) == 1
+    assert "dvc.yaml does not match" in capsys.readouterr().err
+    assert main(["dvc"]) == 0 and main(["resolve"]) == 0
+    specs = root / "build" / "default" / "specs"
+    assert sorted(p.stem for p in specs.iterdir()) == sorted(STAGES)
+    stamps = {p: p.stat().st_mtime_ns for p in specs.iterdir()}
+    capsys.readouterr()
+    assert main(["resolve"]) == 0 and capsys.readouterr().out == ""
+    assert {p: p.stat().st_mtime_ns for p in specs.iterdir()} == stamps
+    edit(root, "lr: 2.0e-4", "lr: 1.0e-4")
+    assert main(["resolve"]) == 0
+    assert capsys.readouterr().out.split() == [w for s in STAGES[2:] for w in (f"default/{s}:", "key", "changed")]
+
+
+def test_resolve_fails_fast_on_a_bad_recipe(tmp_path, monkeypatch, capsys):
+    from builder.cli import main
+
+    root = make_project(tmp_path / "p")
+    monkeypatch.chdir(root)
+    assert main(["dvc"]) == 0
+    edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_z]")
+    assert main(["resolve"]) == 1
+    assert "default.yaml:" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """Dataset labels and training batches, on the real tiny model and tokenizer."""
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from builder.stages.dataset import IGNORE_INDEX, label_tokens
@@ -67,3 +70,24 @@ def test_packing_does_not_leak_attention_across_examples(tiny_model):
             single = tiny_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
             torch.testing.assert_close(packed_logits[offset:offset + len(ids)], single, rtol=1e-4, atol=1e-4)
             offset += len(ids)
+
+
+def test_publish_and_abandoned_temp_folders(tmp_path):
+    """Temp folders of killed builds are removed; a live build's folder is not; publish swaps."""
+    from builder.stages import _publish, remove_abandoned
+
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now belongs to no process
+    live = tmp_path / f".train.tmp-{os.getpid()}"
+    for folder in (tmp_path / f".train.tmp-{dead.pid}", tmp_path / f".train.old-{dead.pid}", live):
+        folder.mkdir()
+    removed = remove_abandoned(out)
+    assert sorted(p.name for p in removed) == [f".train.old-{dead.pid}", f".train.tmp-{dead.pid}"]
+    assert live.is_dir()
+    (live / "new.txt").write_text("new")
+    _publish(live, out)
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]

@@ -5,6 +5,7 @@ without manifest.json is not a result; a folder whose manifest key differs from 
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import os
@@ -49,6 +50,27 @@ def is_built(project: Project, stage: Stage) -> bool:
     return manifest is not None and manifest.get("key") == stage.key
 
 
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned(out: Path) -> list[Path]:
+    """Delete temp folders of `out` left by builds that were killed (their process is gone)."""
+    removed = []
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if kind.endswith((".tmp", ".old")) and pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Swap tmp into out's place; at no point does an incomplete folder sit at `out`."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -67,6 +89,7 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
                              f"run `tunefile build {recipe.name} --until {stage.name}`")
     out = project.stage_dir(recipe.name, stage.name)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

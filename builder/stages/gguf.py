@@ -38,7 +38,7 @@ def run(ctx: StageContext) -> dict:
     out = ctx.out_dir / gguf_name(dtype)
     lineage = {"metadata": lineage_metadata(ctx),
                "pre_tokenizer": BUILTIN_PRE_TOKENIZER if ctx.recipe.base.model.startswith("builtin:") else None}
-    lineage_file = ctx.out_dir.parent / f".{ctx.out_dir.name}.lineage.json"
+    lineage_file = ctx.out_dir / "lineage.json"  # read by the converter, removed before publishing
     lineage_file.write_text(json.dumps(lineage, sort_keys=True))
     cmd = [sys.executable, "-m", "builder.export.convert", str(converter), str(lineage_file), "--",
            str(ctx.input_dir("merge")), "--outfile", str(out), "--outtype", dtype,
