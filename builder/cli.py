@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from builder.errors import RecipeError, TunefileError
 from builder.project import Project, load_project
@@ -67,7 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.stages import is_built, run_stage
+    from builder.stages import is_built, recipe_lock, run_stage
 
     project = load_project()
     recipe, plan = _stage_map(project, args.recipe)
@@ -75,14 +74,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     if target not in plan:
         raise TunefileError(f"--until {target}: no such stage in {args.recipe}; stages: {', '.join(plan)}")
     names = _needed(plan, target) if args.until else list(plan)
-    for name in names:
-        if is_built(project, plan[name]):
-            print(f"{args.recipe}/{name}: up to date")
-            continue
-        started = time.time()
-        run_stage(project, recipe, plan[name], plan)
-        print(f"{args.recipe}/{name}: built in {time.time() - started:.1f}s")
+    with recipe_lock(project, recipe.name):
+        for name in names:
+            if is_built(project, plan[name]):
+                print(f"{args.recipe}/{name}: up to date")
+                continue
+            _report(args.recipe, name, run_stage(project, recipe, plan[name], plan))
     return 0
+
+
+def _report(recipe: str, stage: str, manifest: dict) -> None:
+    how = "restored from the stage store" if manifest["restored_from_store"] else "built"
+    print(f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s")
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -92,9 +95,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     recipe, plan = _stage_map(project, args.recipe)
     if args.stage not in plan:
         raise TunefileError(f"no stage '{args.stage}' in {args.recipe}; stages: {', '.join(plan)}")
-    started = time.time()
-    run_stage(project, recipe, plan[args.stage], plan)
-    print(f"{args.recipe}/{args.stage}: built in {time.time() - started:.1f}s")
+    _report(args.recipe, args.stage, run_stage(project, recipe, plan[args.stage], plan))
     return 0
 
 

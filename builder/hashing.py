@@ -27,7 +27,8 @@ def hash_value(value: object) -> str:
     return hash_text(canonical_json(value))
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
+    """xxh3-128 of a file's bytes, read in 1 MiB chunks."""
     digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -55,7 +56,7 @@ class StatCache:
         entry = self.entries.get(str(path))
         if entry and entry[:3] == stamp:
             return entry[3]
-        digest = _hash_file(path)
+        digest = hash_file(path)
         self.entries[str(path)] = stamp + [digest]
         self.dirty = True
         return digest

@@ -116,7 +116,8 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
                        {"template": _template_identity(recipe, root, stat)})
         stages.append(merge)
         if recipe.export.gguf is not None:
-            gguf = _stage(recipe, "gguf", [merge], {"dtype": recipe.export.gguf.dtype}, {})
+            # The recipe's name is written into the GGUF (general.name, lineage), so it is an input.
+            gguf = _stage(recipe, "gguf", [merge], {"name": recipe.name, "dtype": recipe.export.gguf.dtype}, {})
             stages.append(gguf)
             for quant in recipe.export.gguf.quantize:
                 quantize = _stage(recipe, f"quantize@{quant}", [gguf], {"type": quant}, {})

@@ -26,12 +26,13 @@ class Conversation:
     messages: tuple[Message, ...]
     source: str
     row: int  # 1-based row (line for .jsonl) in the source file, for rejects and provenance
+    file: str = ""  # the file (relative to the project root) the row came from
 
     def to_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
-def make_conversation(messages: list[tuple[str, object]], source: str, row: int) -> Conversation:
+def make_conversation(messages: list[tuple[str, object]], source: str, row: int, file: str = "") -> Conversation:
     """Check roles and contents and build a Conversation; raise RowError with the reason."""
     checked = []
     for i, (role, content) in enumerate(messages):
@@ -51,4 +52,4 @@ def make_conversation(messages: list[tuple[str, object]], source: str, row: int)
         raise RowError("no_final_answer", "the conversation ends with a user turn")
     if any(not m.content.strip() for m in body if m.role == "assistant"):
         raise RowError("empty_response", "an assistant message is empty")
-    return Conversation(tuple(checked), source, row)
+    return Conversation(tuple(checked), source, row, file)

@@ -89,7 +89,7 @@ def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[
                 if not isinstance(row, dict):
                     raise RowError("bad_type", f"row is {type(row).__name__}, expected an object")
                 # All of a row's conversations or none (self_instruct rows hold several).
-                conversations.extend([make_conversation(t, spec.name, number) for t in adapt(row)])
+                conversations.extend([make_conversation(t, spec.name, number, rel) for t in adapt(row)])
             except RowError as exc:
                 rejects.append(Reject(spec.name, rel, number, exc.reason, exc.detail))
     return conversations, rejects

@@ -2,9 +2,13 @@
 
 Each stage module has `run(ctx) -> dict`; heavy libraries are imported inside it. A folder
 without manifest.json is not a result; a folder whose manifest key differs from the plan is stale.
+A stage whose key is in the stage store (built before, by this or another recipe) is restored
+from there instead of run. One build of a recipe at a time: a lock file says who holds it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import importlib
 import json
@@ -14,14 +18,17 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from builder import __version__
+from builder.cache import StageStore
 from builder.errors import StageError
 from builder.plan import Stage
 from builder.project import Project
 from builder.recipe import Recipe
 
 MANIFEST = "manifest.json"
+_HELD_LOCKS: dict[str, int] = {}  # lock path -> depth, so a build can run stages under its own lock
 MODULES = {"base": "base", "dataset": "dataset", "train": "train", "merge": "merge", "gguf": "gguf",
            "quantize": "quantize", "eval": "evaluate"}
 
@@ -81,36 +88,88 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+@contextlib.contextmanager
+def recipe_lock(project: Project, recipe: str) -> Iterator[None]:
+    """Hold build/<recipe>/.lock; a second build of the same recipe fails at once, saying who holds it."""
+    path = project.build_dir(recipe) / ".lock"
+    key = str(path)
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StageError(f"recipe '{recipe}' is being built by {holder}; wait for it to finish "
+                             f"(lock: {path})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        _HELD_LOCKS[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD_LOCKS[key]
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    # Write a new file and rename it over: never write through a hard link into the stage store.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, Stage]) -> dict:
-    """Build `stage` from its (already built) upstream stages; return its manifest."""
-    for name in stage.upstream:
-        if not is_built(project, plan[name]):
-            raise StageError(f"{recipe.name}/{stage.name} needs {name}, which is not built or is stale; "
-                             f"run `tunefile build {recipe.name} --until {stage.name}`")
-    out = project.stage_dir(recipe.name, stage.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    module = importlib.import_module(f"builder.stages.{MODULES[stage.kind]}")
-    started = time.time()
-    try:
-        summary = module.run(StageContext(project, recipe, stage, plan, tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    manifest = {
-        "recipe": recipe.name,
-        "stage": stage.name,
-        "key": stage.key,
-        "inputs": stage.inputs,
-        "summary": summary or {},
-        "tunefile": __version__,
-        "python": platform.python_version(),
-        "seconds": round(time.time() - started, 3),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
-    _publish(tmp, out)
-    return manifest
+    """Build `stage` from its (already built) upstream stages, or restore it from the stage
+    store when its key was built before; return its manifest."""
+    with recipe_lock(project, recipe.name):
+        for name in stage.upstream:
+            if not is_built(project, plan[name]):
+                raise StageError(f"{recipe.name}/{stage.name} needs {name}, which is not built or is stale; "
+                                 f"run `tunefile build {recipe.name} --until {stage.name}`")
+        out = project.stage_dir(recipe.name, stage.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        store = StageStore(project.cache_dir)
+        started = time.time()
+        try:
+            restored = store.get(stage.key, tmp)
+            if restored:
+                summary = (read_manifest(tmp) or {}).get("summary", {})
+            else:
+                module = importlib.import_module(f"builder.stages.{MODULES[stage.kind]}")
+                summary = module.run(StageContext(project, recipe, stage, plan, tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest = {
+            "recipe": recipe.name,
+            "stage": stage.name,
+            "key": stage.key,
+            "inputs": stage.inputs,
+            "summary": summary or {},
+            "restored_from_store": restored,
+            "tunefile": __version__,
+            "python": platform.python_version(),
+            "seconds": round(time.time() - started, 3),
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        _publish(tmp, out)
+        if not restored:
+            store.put(stage.key, out)
+        return manifest

@@ -8,6 +8,7 @@ import sys
 
 from builder import __version__
 from builder.errors import StageError
+from builder.export.modelcard import render_model_card
 from builder.stages import StageContext
 from builder.vendor import ensure_converter
 
@@ -49,4 +50,6 @@ def run(ctx: StageContext) -> dict:
         lineage_file.unlink(missing_ok=True)
     if done.returncode != 0 or not out.is_file():
         raise StageError(f"llama.cpp's converter failed on {ctx.input_dir('merge')}:\n{done.stderr[-3000:]}")
+    card = render_model_card(ctx.recipe, ctx.plan, ctx.input_dir, out.name)
+    (ctx.out_dir / "README.md").write_text(card, encoding="utf-8")
     return {"file": out.name, "bytes": out.stat().st_size}

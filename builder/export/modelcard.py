@@ -1,0 +1,65 @@
+"""The model card (README.md) written beside the GGUF: what was built, from what, and how.
+
+Only deterministic facts go in (keys, recipe settings, data counts, losses), so rebuilding the
+same inputs gives the same card.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from builder import __version__
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def render_model_card(recipe, plan: dict, stage_dir, gguf_file: str) -> str:
+    """Markdown for the GGUF folder; `stage_dir(name)` gives an upstream stage's folder."""
+    stats = _read_json(stage_dir("dataset") / "stats.json")
+    metrics = _read_json(stage_dir("train") / "metrics.json")
+    rows = [f"| {name} | {s.get('sampled', 0)} | {s.get('trained_tokens', 0)} | {sum(s.get('rejected', {}).values())} |"
+            for name, s in sorted(stats.get("sources", {}).items())]
+    settings = yaml.safe_dump({"train": recipe.slice("train")["train"], "mixture": recipe.slice("mixture")["mixture"]},
+                              sort_keys=True, default_flow_style=False)
+    return "\n".join([
+        f"# {recipe.name}",
+        "",
+        f"`{gguf_file}` was built by tunefile {__version__} from recipe `{recipe.name}`: base model "
+        f"`{recipe.base.model}`, chat template `{recipe.template}`, fine-tuned with {recipe.train.method}.",
+        "",
+        "## Lineage",
+        "",
+        "| stage | key |",
+        "|---|---|",
+        *[f"| {name} | `{plan[name].key}` |" for name in ("base", "dataset", "train", "merge", "gguf")],
+        "",
+        "## Data",
+        "",
+        "| source | examples | trained tokens | rejected rows |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Eval examples: {stats.get('eval_examples', 0)}.",
+        "",
+        "## Training",
+        "",
+        "```yaml",
+        settings.rstrip(),
+        "```",
+        "",
+        f"Final train loss {metrics.get('train_loss')}, eval loss {metrics.get('eval_loss')} "
+        f"over {metrics.get('steps')} steps.",
+        "",
+        "## Use",
+        "",
+        "The GGUF carries the training chat template (`tokenizer.chat_template`); llama.cpp and",
+        "llama-cpp-python apply it to chat requests.",
+        "",
+    ])
