@@ -39,7 +39,7 @@ def render_dvc_yaml(project: Project, plans: dict[str, list[Stage]]) -> str:
     specs = [_rel(project, project.spec_path(s.recipe, s.name)) for stages in plans.values() for s in stages]
     dvc_stages: dict[str, dict] = {
         "resolve": {"cmd": "tunefile resolve", "always_changed": True,
-                    "outs": [{path: {"cache": False, "persist": True}} for path in specs]},
+                    "outs": [{path: {"persist": True}} for path in specs]},
     }
     metrics, plots = [], []
     for recipe, stages in plans.items():

@@ -135,7 +135,10 @@ def spec_text(stage: Stage) -> str:
 
 
 def _flatten(value: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict):
+    """Leaf paths of a nested value; lists of named items (sources) are keyed by name."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        value = {v["name"]: v for v in value}
+    if isinstance(value, dict) and value:
         out: dict[str, object] = {}
         for k, v in value.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
@@ -143,14 +146,35 @@ def _flatten(value: object, prefix: str = "") -> dict[str, object]:
     return {prefix: value}
 
 
+def _describe(path: str, before: str, after: str) -> str:
+    """One changed input in words: `train.lr 0.0002 -> 0.0001`, `source demo_chats changed (...)`."""
+    head, _, rest = path.partition(".")
+    if head == "recipe":
+        return f"{rest} {before} -> {after}"
+    if head == "files":
+        source, _, file = rest.partition(".")
+        change = "added" if before == "<absent>" else "removed" if after == "<absent>" else "changed"
+        return f"source {source} {change} ({file})" if change == "changed" else f"source {source}: {file} {change}"
+    if head == "upstream":
+        return f"upstream {rest} changed"
+    if head == "libraries":
+        return f"{rest} {before} -> {after}"
+    if head == "code_version":
+        return f"stage code version {before} -> {after}"
+    if head == "template":
+        return "template changed"
+    if head == "model":
+        return f"base model changed ({rest})"
+    return f"{path} {before} -> {after}"
+
+
 def explain_changes(old_inputs: dict, new_inputs: dict) -> list[str]:
-    """`train.lr: 0.0002 -> 0.0001` lines for every leaf input that differs."""
+    """What differs between two stage inputs, in words; upstream changes only when nothing else did."""
     old, new = _flatten(old_inputs), _flatten(new_inputs)
-    lines = []
+    lines, upstream = [], []
     for path in sorted(set(old) | set(new)):
         if old.get(path, "<absent>") != new.get(path, "<absent>"):
             before = canonical_json(old[path]) if path in old else "<absent>"
             after = canonical_json(new[path]) if path in new else "<absent>"
-            lines.append(f"{path}: {before} -> {after}")
-    return lines
-
+            (upstream if path.startswith("upstream.") else lines).append(_describe(path, before, after))
+    return sorted(set(lines)) or upstream

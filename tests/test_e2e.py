@@ -1,15 +1,21 @@
-"""End to end: a temporary git+DVC repo runs `dvc repro` of a (smaller) default recipe, twice.
+"""End to end: a temporary git+DVC repo runs `dvc repro` of a (smaller) default recipe.
 
 Checks the outputs (token/label alignment, GGUF metadata, real Q8_0/Q4_K tensors, llama.cpp
-loads and answers), that the second repro is a no-op, that `tunefile build` elsewhere gives the
-same bytes, and that editing train.lr does not rebuild the dataset.
+loads and answers), that a second repro is a no-op, that `tunefile build` elsewhere gives the
+same bytes, and then, edit by edit, that exactly the stale stages rerun: train.lr, reverting it,
+a new quant type, one source's row, a weight. Finally the results travel through a DVC remote
+to a fresh clone, and builds killed with SIGKILL during train and gguf rerun to the same bytes.
+The tests in this file run in order and share the repo.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -119,20 +125,134 @@ def test_second_repro_is_a_no_op(repo):
     assert "changed" not in sh(repo, "dvc", "status", "default-eval-q4_k_m")
 
 
-def test_rebuild_elsewhere_gives_the_same_bytes(repo, tmp_path):
-    other = make_project(tmp_path / "other", small_recipe())
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The same recipe built from scratch elsewhere with `tunefile build` (no DVC)."""
+    other = make_project(tmp_path_factory.mktemp("e2e") / "other", small_recipe())
     sh(other, "tunefile", "build", "default")
+    return other
+
+
+def test_rebuild_elsewhere_gives_the_same_bytes(repo, reference):
     for rel in DETERMINISTIC_FILES:
         a = (repo / "build" / "default" / rel).read_bytes()
-        b = (other / "build" / "default" / rel).read_bytes()
+        b = (reference / "build" / "default" / rel).read_bytes()
         assert a == b, f"{rel} differs between two builds from scratch"
 
 
+def test_dataset_from_cached_shards_is_identical(reference, tmp_path):
+    build = reference / "build" / "default"
+    before = {name: (build / "dataset" / name).read_bytes() for name in ("train.parquet", "eval.parquet", "rejects.jsonl")}
+    backup = tmp_path / "stages"
+    os.replace(reference / ".tunefile" / "stages", backup)  # force a real dataset build
+    try:
+        (build / "dataset" / "manifest.json").unlink()
+        output = sh(reference, "tunefile", "build", "default", "--until", "dataset")
+        assert "default/dataset: built" in output
+        manifest = json.loads((build / "dataset" / "manifest.json").read_text())
+        assert manifest["summary"]["shards"] == {"demo_alpaca": "cached", "demo_chats": "cached"}
+        assert {name: (build / "dataset" / name).read_bytes() for name in before} == before
+    finally:
+        shutil.rmtree(reference / ".tunefile" / "stages")
+        os.replace(backup, reference / ".tunefile" / "stages")
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
 def test_editing_lr_does_not_rebuild_the_dataset(repo):
-    recipe = repo / "recipes" / "default.yaml"
-    recipe.write_text(recipe.read_text().replace("lr: 2.0e-4", "lr: 1.0e-4"))
+    edit(repo / "recipes" / "default.yaml", "lr: 2.0e-4", "lr: 1.0e-4")
     output = sh(repo, "dvc", "repro")
     assert ran(output) == ["resolve", "default-train", "default-merge", "default-gguf", "default-quantize-q8_0",
                            "default-eval-q8_0", "default-quantize-q4_k_m", "default-eval-q4_k_m"]
     plan = sh(repo, "tunefile", "plan", "default")
     assert all(line.endswith("up to date") for line in plan.strip().splitlines()), plan
+
+
+def test_reverting_an_edit_restores_without_training(repo, reference):
+    edit(repo / "recipes" / "default.yaml", "lr: 1.0e-4", "lr: 2.0e-4")
+    plan = sh(repo, "tunefile", "plan", "default")
+    assert "train.lr 0.0001 -> 0.0002" in plan
+    output = sh(repo, "dvc", "repro")
+    assert "default/train: built" not in output and "default/merge: built" not in output
+    adapter = "train/adapter_model.safetensors"
+    assert (repo / "build/default" / adapter).read_bytes() == (reference / "build/default" / adapter).read_bytes()
+
+
+def test_adding_a_quant_type_builds_only_it(repo):
+    edit(repo / "recipes" / "default.yaml", "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_m, q5_k_m]")
+    sh(repo, "tunefile", "dvc")
+    assert ran(sh(repo, "dvc", "repro")) == ["resolve", "default-quantize-q5_k_m", "default-eval-q5_k_m"]
+
+
+def test_editing_one_source_retokenizes_only_it(repo):
+    chats = repo / "data" / "demo_chats.json"
+    rows = json.loads(chats.read_text())
+    rows[0]["conversations"][1]["value"] += " Hope that helps."
+    chats.write_text(json.dumps(rows, indent=1))
+    assert "stale: source demo_chats changed (data/demo_chats.json)" in sh(repo, "tunefile", "plan", "default")
+    output = sh(repo, "dvc", "repro")
+    assert ran(output)[:3] == ["resolve", "default-dataset", "default-train"]
+    manifest = json.loads((repo / "build/default/dataset/manifest.json").read_text())
+    assert manifest["summary"]["shards"] == {"demo_alpaca": "cached", "demo_chats": "built"}
+
+
+def test_changing_a_weight_resamples_without_tokenizing(repo):
+    edit(repo / "recipes" / "default.yaml", "weight: 3 ", "weight: 2 ")
+    output = sh(repo, "dvc", "repro")
+    assert ran(output)[:3] == ["resolve", "default-dataset", "default-train"]
+    manifest = json.loads((repo / "build/default/dataset/manifest.json").read_text())
+    assert manifest["summary"]["shards"] == {"demo_alpaca": "cached", "demo_chats": "cached"}
+
+
+def test_results_travel_through_a_dvc_remote(repo, tmp_path):
+    remote = tmp_path / "remote"
+    sh(repo, "dvc", "remote", "add", "-d", "shared", str(remote))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "build")
+    sh(repo, "dvc", "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    status = sh(clone, "dvc", "status")
+    assert status.split() == ["resolve:", "always", "changed"], status
+    assert ran(sh(clone, "dvc", "repro")) == ["resolve"]
+    for rel in ["gguf/model-f16.gguf", "quantize@q4_k_m/model-q4_k_m.gguf", "train/adapter_model.safetensors"]:
+        assert (clone / "build/default" / rel).read_bytes() == (repo / "build/default" / rel).read_bytes()
+    lazy = tmp_path / "lazy"  # `dvc repro --pull` fetches what it would otherwise rebuild
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(lazy))
+    output = sh(lazy, "dvc", "repro", "--pull")
+    assert "built in" not in output and (lazy / "build/default/quantize@q4_k_m/model-q4_k_m.gguf").is_file()
+
+
+def kill_during(root: Path, stage: str, cmd: list[str]) -> None:
+    """Start cmd, SIGKILL its whole process group once `stage` is being written."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not list((root / "build" / "default").glob(f".{stage}.tmp-*")):
+        assert process.poll() is None and time.time() < deadline, f"{stage} never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_killed_builds_rerun_to_the_same_bytes(reference, tmp_path):
+    root = make_project(tmp_path / "killed", small_recipe())
+    sh(root, "git", "init", "-q")
+    sh(root, "dvc", "init", "-q")
+    sh(root, "tunefile", "dvc")
+    kill_during(root, "train", ["dvc", "repro"])
+    assert not (root / "build/default/train").exists()
+    sh(root, "dvc", "repro", "default-merge")
+    kill_during(root, "gguf", ["dvc", "repro"])
+    assert not (root / "build/default/gguf").exists()
+    sh(root, "dvc", "repro")
+    assert not list((root / "build" / "default").glob(".*tmp*"))
+    for rel in DETERMINISTIC_FILES:
+        assert (root / "build/default" / rel).read_bytes() == (reference / "build/default" / rel).read_bytes(), rel

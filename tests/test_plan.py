@@ -67,7 +67,14 @@ def test_data_file_edit_changes_dataset_onward(tmp_path):
 def test_explain_changes_names_the_edited_input():
     old = {"recipe": {"train": {"lr": 0.0002, "seed": 1}}, "upstream": {"dataset": "aa"}}
     new = {"recipe": {"train": {"lr": 0.0001, "seed": 1}}, "upstream": {"dataset": "aa"}}
-    assert explain_changes(old, new) == ["recipe.train.lr: 0.0002 -> 0.0001"]
+    assert explain_changes(old, new) == ["train.lr 0.0002 -> 0.0001"]
+    assert explain_changes({"upstream": {"dataset": "aa"}}, {"upstream": {"dataset": "bb"}}) == [
+        "upstream dataset changed"]
+    files = {"files": {"chats": {"data/c.json": "1"}}, "recipe": {"sources": [{"name": "chats", "weight": 1}]}}
+    edited = {"files": {"chats": {"data/c.json": "2", "data/d.json": "3"}},
+              "recipe": {"sources": [{"name": "chats", "weight": 2}]}}
+    assert explain_changes(files, edited) == ["source chats changed (data/c.json)", "source chats: data/d.json added",
+                                              "sources.chats.weight 1 -> 2"]
 
 
 def test_repo_dvc_yaml_is_current(monkeypatch, capsys):

@@ -58,13 +58,20 @@ def is_built(project: Project, stage: Stage) -> bool:
 
 
 def _is_running(pid: int) -> bool:
+    """Whether pid is a live process (a killed build's zombie, never reaped in some containers, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
 def remove_abandoned(out: Path) -> list[Path]:
