@@ -122,7 +122,8 @@ def bench_one_source_edit(work: Path, alpaca_rows: int, chat_rows: int) -> None:
     root = make_project(work / "edit", ["default"], size=4000)
     write_sources(root, alpaca_rows, chat_rows)
     sh(root, "tunefile", "build", "default", "--until", "base")
-    share = chat_rows / (alpaca_rows + chat_rows)
+    sizes = {name: (root / "data" / name).stat().st_size for name in ("demo_alpaca.jsonl", "demo_chats.json")}
+    share = sizes["demo_chats.json"] / sum(sizes.values())  # by bytes: multi-turn chats are longer rows
 
     def dataset_in_process() -> float:
         project = load_project(root)
@@ -143,7 +144,7 @@ def bench_one_source_edit(work: Path, alpaca_rows: int, chat_rows: int) -> None:
         path.write_text(json.dumps(rows))
 
     print(f"\n## dataset rebuild after editing one row of demo_chats ({chat_rows} of "
-          f"{alpaca_rows + chat_rows} rows: share {share:.3f})")
+          f"{alpaca_rows + chat_rows} rows, {share:.3f} of the input bytes)")
     clear()
     dataset_in_process()  # warm imports (transformers, tokenizer) for the in-process numbers
     clear()

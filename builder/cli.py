@@ -10,10 +10,16 @@ import argparse
 import sys
 
 from builder.errors import RecipeError, TunefileError
-from builder.project import Project, load_project
 
 
-def _stage_map(project: Project, recipe_name: str):
+def _project():
+    # Imported here: `tunefile resolve` on its fast path must not pay for pydantic and jinja2.
+    from builder.project import load_project
+
+    return load_project()
+
+
+def _stage_map(project, recipe_name: str):
     from builder.plan import plan_stages
 
     recipe = project.load_recipe(recipe_name)
@@ -32,7 +38,7 @@ def _needed(plan: dict, target: str) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    project = load_project()
+    project = _project()
     names = args.recipes or list(project.params.recipes)
     problems = []
     for name in names:
@@ -50,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from builder.plan import explain_changes
     from builder.stages import read_manifest
 
-    project = load_project()
+    project = _project()
     _, plan = _stage_map(project, args.recipe)
     for stage in plan.values():
         manifest = read_manifest(project.stage_dir(args.recipe, stage.name))
@@ -68,7 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.stages import is_built, recipe_lock, run_stage
 
-    project = load_project()
+    project = _project()
     recipe, plan = _stage_map(project, args.recipe)
     target = args.until or list(plan)[-1]
     if target not in plan:
@@ -91,7 +97,7 @@ def _report(recipe: str, stage: str, manifest: dict) -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     from builder.stages import run_stage
 
-    project = load_project()
+    project = _project()
     recipe, plan = _stage_map(project, args.recipe)
     if args.stage not in plan:
         raise TunefileError(f"no stage '{args.stage}' in {args.recipe}; stages: {', '.join(plan)}")
@@ -100,14 +106,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from builder.dvcgen import plan_project, render_dvc_yaml, write_specs
+    from pathlib import Path
 
-    project = load_project()
-    plans = plan_project(project)
-    dvc_yaml = project.root / "dvc.yaml"
-    if not dvc_yaml.is_file() or dvc_yaml.read_text() != render_dvc_yaml(project, plans):
-        raise TunefileError("dvc.yaml does not match params.yaml and the recipes; run `tunefile dvc`")
-    for name in write_specs(project, plans):
+    from builder.resolve import resolve
+
+    for name in resolve(Path.cwd()):
         print(f"{name}: key changed")
     return 0
 
@@ -115,7 +118,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_dvc(args: argparse.Namespace) -> int:
     from builder.dvcgen import plan_project, render_dvc_yaml
 
-    project = load_project()
+    project = _project()
     text = render_dvc_yaml(project, plan_project(project))
     path = project.root / "dvc.yaml"
     current = path.read_text() if path.is_file() else None

@@ -27,9 +27,9 @@ def _rel(project: Project, path: Path) -> str:
     return path.relative_to(project.root).as_posix()
 
 
-def plan_project(project: Project) -> dict[str, list[Stage]]:
+def plan_project(project: Project, stat: StatCache | None = None) -> dict[str, list[Stage]]:
     """Every recipe in params.yaml -> its stages (one stat cache for all of them)."""
-    stat = StatCache(project.cache_dir / "stat-cache.json")
+    stat = stat or StatCache(project.cache_dir / "stat-cache.json")
     plans = {name: plan_stages(project.load_recipe(name), project, stat) for name in project.params.recipes}
     stat.save()
     return plans

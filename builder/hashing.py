@@ -42,6 +42,7 @@ class StatCache:
     def __init__(self, path: Path | None):
         self.path = path
         self.entries: dict[str, list] = {}
+        self.touched: set[str] = set()  # the files asked about since this cache was opened
         self.dirty = False
         if path is not None and path.is_file():
             try:
@@ -51,6 +52,7 @@ class StatCache:
 
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
+        self.touched.add(str(path))
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         entry = self.entries.get(str(path))

@@ -20,7 +20,7 @@ from builder.project import Project
 from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
 
-CODE_VERSIONS = {"base": 1, "dataset": 1, "train": 1, "merge": 1, "gguf": 1, "quantize": 1, "eval": 1}
+CODE_VERSIONS = {"base": 1, "dataset": 2, "train": 1, "merge": 1, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),

@@ -157,6 +157,20 @@ def test_dataset_from_cached_shards_is_identical(reference, tmp_path):
         os.replace(backup, reference / ".tunefile" / "stages")
 
 
+def test_a_second_recipe_reuses_equal_stages(reference):
+    """Same base and data, another lr: base and dataset come from the stage store, train is built."""
+    text = small_recipe().replace("name: default ", "name: twin ").replace("lr: 2.0e-4", "lr: 3.0e-4")
+    (reference / "recipes" / "twin.yaml").write_text(text)
+    output = sh(reference, "tunefile", "build", "twin", "--until", "train")
+    assert "twin/base: restored from the stage store" in output
+    assert "twin/dataset: restored from the stage store" in output
+    assert "twin/train: built" in output
+    for rel in ("dataset/train.parquet", "base/model.safetensors"):
+        assert (reference / "build/twin" / rel).read_bytes() == (reference / "build/default" / rel).read_bytes()
+    assert (reference / "build/twin/dataset/train.parquet").stat().st_ino == \
+        (reference / "build/default/dataset/train.parquet").stat().st_ino  # linked, not copied
+
+
 def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, (path, old)

@@ -121,3 +121,64 @@ def test_resolve_fails_fast_on_a_bad_recipe(tmp_path, monkeypatch, capsys):
     edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_z]")
     assert main(["resolve"]) == 1
     assert "default.yaml:" in capsys.readouterr().err
+
+
+GOLDEN_RECIPE = """\
+name: golden
+base: {model: models/base}
+template: chatml
+sources:
+  - {name: a, path: data/a.jsonl, format: alpaca, weight: 2}
+  - {name: b, path: data/b.json, format: sharegpt}
+mixture: {size: 10, seed: 1}
+train: {lr: 1.0e-4}
+export: {gguf: {dtype: f16, quantize: [q8_0]}}
+"""
+
+
+def test_golden_keys(tmp_path, monkeypatch):
+    """Pinned keys: if one moves, a key input changed. Bump a CODE_VERSIONS entry on purpose and
+    update these, never the other way round. Library versions are pinned out of the picture."""
+    monkeypatch.setattr("builder.plan.library_version", lambda dist: "pinned")
+    root = tmp_path / "g"
+    (root / "models" / "base").mkdir(parents=True)
+    (root / "models" / "base" / "config.json").write_text('{"model_type": "llama"}\n')
+    (root / "models" / "base" / "README.md").write_text("not part of the model\n")
+    (root / "data").mkdir()
+    (root / "data" / "a.jsonl").write_text('{"instruction": "i", "output": "o"}\n')
+    (root / "data" / "b.json").write_text('[{"conversations": [{"from": "human", "value": "q"}, '
+                                          '{"from": "gpt", "value": "a"}]}]\n')
+    (root / "recipes").mkdir()
+    (root / "recipes" / "golden.yaml").write_text(GOLDEN_RECIPE)
+    (root / "params.yaml").write_text("recipes: [golden]\n")
+    project = load_project(root)
+    keys = {s.name: s.key for s in plan_stages(project.load_recipe("golden"), project)}
+    assert keys == {
+        "base": "94fc260c1bfdf3bda9ff6fab109cd9f6",
+        "dataset": "6e11bc45de02fac439215fe8365fbc96",
+        "train": "cc72e724e685420ac6a22d9c06c9f3e0",
+        "merge": "64ffda5624cd9a9a7c9d4edb82f033b4",
+        "gguf": "56477a748b307d14086552a235dbdb93",
+        "quantize@q8_0": "ee73e087e5b37d2df346dc70bb4c1ba1",
+        "eval@q8_0": "f95234c6f50ea7e52ded9b9855d4d3d4",
+    }
+
+
+def test_resolve_fast_path_skips_planning_until_an_input_moves(tmp_path, monkeypatch):
+    import builder.dvcgen
+    from builder.cli import main
+    from builder.resolve import resolve
+
+    root = make_project(tmp_path / "p")
+    monkeypatch.chdir(root)
+    assert main(["dvc"]) == 0
+    assert len(resolve(root)) == len(STAGES)
+    planned = []
+    real = builder.dvcgen.plan_project
+    monkeypatch.setattr(builder.dvcgen, "plan_project", lambda *a, **k: planned.append(1) or real(*a, **k))
+    assert resolve(root) == [] and planned == []  # nothing moved: no plan at all
+    (root / "data" / "extra.jsonl").write_text("")  # a new file in a folder a source glob searches
+    assert resolve(root) == [] and planned == [1]
+    with open(root / "data" / "demo_chats.json", "a") as f:
+        f.write(" ")
+    assert resolve(root) == [f"default/{s}" for s in STAGES[1:]] and planned == [1, 1]

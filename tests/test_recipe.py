@@ -56,7 +56,7 @@ def test_missing_source_file_is_an_error_before_building(tmp_path):
 @pytest.mark.parametrize("old,new,expected", [
     ("method: lora ", "method: lorra ", "train.method: Input should be 'lora' or 'full'"),
     ("batch_size: 8", "batch_size: eight", "train.batch_size: Input should be a valid integer"),
-    ("template: chatml", "template: chatmlx", "unknown template 'chatmlx'; allowed: chatml"),
+    ("template: chatml", "template: chatmlx", "unknown template 'chatmlx'; allowed: "),
     ("format: sharegpt", "format: shargpt", "sources.1.format: Input should be 'alpaca', 'sharegpt'"),
     ("model: builtin:tiny-llama", "model: builtin:huge", "allowed: builtin:tiny-llama"),
     ("model: builtin:tiny-llama", "model: hf:org/name", "must be hf:org/name@revision"),

@@ -44,7 +44,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Shard:
-    examples: list[Example]
+    table: object  # pyarrow.Table of examples_table's schema
     rejects: list[Reject]
     conversations: int  # conversations read, before any reject of rendering or tokenizing
     cached: bool
@@ -106,18 +106,21 @@ def tokenize_examples(conversations: list[Conversation], template: str, tokenize
     return examples, rejects
 
 
-SCHEMA_FIELDS = ("source", "file", "row", "messages", "text", "input_ids", "labels")
-
-
-def write_parquet(path: Path, examples: list[Example], with_digest: bool = False) -> None:
+def examples_schema(with_digest: bool = True):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     fields = [("source", pa.string()), ("file", pa.string()), ("row", pa.int64()),
               ("messages", pa.list_(message)), ("text", pa.string()),
               ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
-    columns = {
+    return pa.schema(fields + [("digest", pa.string())] * with_digest)
+
+
+def examples_table(examples: list[Example]):
+    """Examples as an Arrow table (the shard format; `digest` is dropped from the stage's outputs)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pydict({
         "source": [e.conversation.source for e in examples],
         "file": [e.conversation.file for e in examples],
         "row": [e.conversation.row for e in examples],
@@ -125,22 +128,28 @@ def write_parquet(path: Path, examples: list[Example], with_digest: bool = False
         "text": [e.text for e in examples],
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
-    }
-    if with_digest:
-        fields.append(("digest", pa.string()))
-        columns["digest"] = [e.digest for e in examples]
-    pq.write_table(pa.Table.from_pydict(columns, schema=pa.schema(fields)), path, compression="zstd")
+        "digest": [e.digest for e in examples],
+    }, schema=examples_schema())
 
 
-def read_examples(path: Path) -> list[Example]:
+def write_split(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    examples = []
-    for row in pq.read_table(path).to_pylist():
-        messages = tuple(Message(m["role"], m["content"]) for m in row["messages"])
-        conv = Conversation(messages, row["source"], row["row"], row["file"])
-        examples.append(Example(conv, row["digest"], row["text"], row["input_ids"], row["labels"]))
-    return examples
+    # One schema for tables built here and tables read back from a shard (parquet renames list
+    # items to "element"): the same rows must give the same bytes either way.
+    table = table.drop_columns(["digest"]).cast(examples_schema(with_digest=False)).combine_chunks()
+    pq.write_table(table, path, compression="zstd")
+
+
+def token_counts(table) -> tuple[list[int], list[int]]:
+    """Per row: number of tokens, and number of trained tokens (labels != -100)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    labels = table.column("labels").combine_chunks()
+    trained = np.bincount(pc.list_parent_indices(labels).to_numpy(),
+                          weights=(pc.list_flatten(labels).to_numpy() != IGNORE_INDEX), minlength=len(table))
+    return pc.list_value_length(labels).to_numpy().tolist(), trained.astype(int).tolist()
 
 
 def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
@@ -160,28 +169,34 @@ def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
 
 
 def load_shard(ctx: StageContext, spec: SourceSpec, template: str, tokenizer, store: StageStore) -> Shard:
-    """The source's examples and rejects: from the store if this exact shard was built before."""
+    """The source's examples (an Arrow table) and rejects: from the store if this exact shard was
+    built before, else read, rendered and tokenized now and stored."""
+    import pyarrow.parquet as pq
+
     key = shard_key(ctx, spec, template)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp:
         folder = Path(tmp)
         if store.get(key, folder):
             meta = json.loads((folder / "meta.json").read_text())
             rejects = [Reject(**json.loads(line)) for line in (folder / "rejects.jsonl").read_text().splitlines()]
-            return Shard(read_examples(folder / "examples.parquet"), rejects, meta["conversations"], cached=True)
+            return Shard(pq.read_table(folder / "examples.parquet"), rejects, meta["conversations"], cached=True)
         conversations, rejects = read_source(spec, ctx.project.root)
         recipe = ctx.recipe
         examples, bad = tokenize_examples(conversations, template, tokenizer(), recipe.train.train_on,
                                           recipe.train.max_length, recipe.system_prompt)
         rejects = rejects + bad
-        write_parquet(folder / "examples.parquet", examples, with_digest=True)
+        table = examples_table(examples)
+        pq.write_table(table, folder / "examples.parquet", compression="zstd")
         (folder / "rejects.jsonl").write_text("".join(
             json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in rejects))
         (folder / "meta.json").write_text(json.dumps({"conversations": len(conversations)}))
         store.put(key, folder)
-        return Shard(examples, rejects, len(conversations), cached=False)
+        return Shard(table, rejects, len(conversations), cached=False)
 
 
 def run(ctx: StageContext) -> dict:
+    import pyarrow as pa
+
     recipe = ctx.recipe
     base_dir = ctx.input_dir("base")
     template = read_template(recipe.template, ctx.project.root, base_dir)
@@ -192,59 +207,66 @@ def run(ctx: StageContext) -> dict:
 
         return AutoTokenizer.from_pretrained(base_dir)
 
+    # Rows are handled as indices into each shard's Arrow table; only the rows that make the
+    # mixture are ever copied, so re-mixing large cached sources stays cheap.
     store = StageStore(ctx.project.cache_dir, "shards")
     stats: dict[str, dict] = {}
     rejects: list[Reject] = []
     seen: set[str] = set()
-    pools: dict[str, list[Example]] = {}
-    eval_examples: list[Example] = []
-    shards: dict[str, str] = {}
+    tables, pools, held_out, shards = {}, {}, {}, {}
     for spec in recipe.sources:
         shard = load_shard(ctx, spec, template, tokenizer, store)
         shards[spec.name] = "cached" if shard.cached else "built"
+        tables[spec.name] = shard.table
         source_rejects = list(shard.rejects)
-        # Exact dedup across sources: the first occurrence in source order wins.
-        examples = []
-        for example in shard.examples:
-            if recipe.mixture.dedup == "exact" and example.digest in seen:
-                conv = example.conversation
-                source_rejects.append(Reject(spec.name, conv.file, conv.row, "duplicate", "seen earlier"))
+        digests = shard.table.column("digest").to_pylist()
+        kept = []
+        for i, digest in enumerate(digests):
+            # Exact dedup across sources: the first occurrence in source order wins.
+            if recipe.mixture.dedup == "exact" and digest in seen:
+                row = shard.table.slice(i, 1).select(["file", "row"]).to_pylist()[0]
+                source_rejects.append(Reject(spec.name, row["file"], row["row"], "duplicate", "seen earlier"))
                 continue
-            seen.add(example.digest)
-            examples.append(example)
-        if not examples:
+            seen.add(digest)
+            kept.append(i)
+        if not kept:
             first = "; ".join(f"row {r.row}: {r.reason} ({r.detail})" for r in source_rejects[:3])
             raise DataError(f"source '{spec.name}' has no usable example: {first}")
-        held_out, pools[spec.name] = [], []
-        for e in examples:
-            (held_out if is_eval_example(e.digest, recipe.mixture.eval_fraction) else pools[spec.name]).append(e)
-        eval_examples += held_out
+        held_out[spec.name] = [i for i in kept if is_eval_example(digests[i], recipe.mixture.eval_fraction)]
+        pools[spec.name] = [i for i in kept if not is_eval_example(digests[i], recipe.mixture.eval_fraction)]
         rejects += source_rejects
         reasons = Counter(r.reason for r in source_rejects)
         stats[spec.name] = {"conversations": shard.conversations, "rejected": dict(sorted(reasons.items())),
-                            "usable": len(examples), "eval": len(held_out), "train_pool": len(pools[spec.name])}
+                            "usable": len(kept), "eval": len(held_out[spec.name]),
+                            "train_pool": len(pools[spec.name])}
 
     weights = [s.weight for s in recipe.sources]
     size = recipe.mixture.size
     counts = (allocate_counts(weights, size) if size is not None
               else [len(pools[s.name]) for s in recipe.sources])
-    train: list[Example] = []
+    train_parts, eval_parts = [], []
     for spec, count in zip(recipe.sources, counts):
         # One RNG per source: editing one source does not reshuffle another's sample.
         picked = sample_examples(pools[spec.name], count, random.Random(f"{recipe.mixture.seed}:{spec.name}"))
-        train += picked
-        stats[spec.name].update(sampled=len(picked), tokens=sum(len(e.input_ids) for e in picked),
-                                trained_tokens=sum(sum(l != IGNORE_INDEX for l in e.labels) for e in picked))
-    random.Random(recipe.mixture.seed).shuffle(train)
+        part = tables[spec.name].take(picked)
+        tokens, trained = token_counts(part)
+        stats[spec.name].update(sampled=len(picked), tokens=sum(tokens), trained_tokens=sum(trained))
+        train_parts.append(part)
+        eval_parts.append(tables[spec.name].take(held_out[spec.name]))
+    train = pa.concat_tables(train_parts)
+    order = list(range(len(train)))
+    random.Random(recipe.mixture.seed).shuffle(order)
+    train = train.take(order)
+    eval_table = pa.concat_tables(eval_parts)
 
-    write_parquet(ctx.out_dir / "train.parquet", train)
-    write_parquet(ctx.out_dir / "eval.parquet", eval_examples)
+    write_split(ctx.out_dir / "train.parquet", train)
+    write_split(ctx.out_dir / "eval.parquet", eval_table)
     with open(ctx.out_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
         for reject in sorted(rejects, key=lambda r: (r.source, r.file, r.row, r.reason)):
             f.write(json.dumps(reject.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
-    summary = {"sources": stats, "train_examples": len(train), "eval_examples": len(eval_examples),
-               "rejected": len(rejects), "train_tokens": sum(len(e.input_ids) for e in train),
+    summary = {"sources": stats, "train_examples": len(train), "eval_examples": len(eval_table),
+               "rejected": len(rejects), "train_tokens": sum(s["tokens"] for s in stats.values()),
                "trained_tokens": sum(s["trained_tokens"] for s in stats.values())}
     (ctx.out_dir / "stats.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
-    return {"train_examples": len(train), "eval_examples": len(eval_examples), "rejected": len(rejects),
+    return {"train_examples": len(train), "eval_examples": len(eval_table), "rejected": len(rejects),
             "shards": shards}
