@@ -2,6 +2,7 @@
 
     tunefile validate [RECIPE...]        tunefile plan RECIPE
     tunefile build RECIPE [--until S]    tunefile stage STAGE RECIPE
+    tunefile preview RECIPE [-n N] [--tokens] [--html FILE]
     tunefile dvc [--check]               tunefile resolve        tunefile vendor
 """
 from __future__ import annotations
@@ -133,6 +134,18 @@ def cmd_dvc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from builder.preview import preview
+
+    color = sys.stdout.isatty() and not args.no_color
+    html_path = Path(args.html) if args.html else None
+    print(preview(_project(), args.recipe, n=args.n, html_path=html_path, show_tokens=args.tokens, color=color),
+          end="")
+    return 0
+
+
 def cmd_vendor(args: argparse.Namespace) -> int:
     from builder.vendor import ensure_converter
 
@@ -157,6 +170,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("preview", help="render the first examples with trained text highlighted")
+    p.add_argument("recipe")
+    p.add_argument("-n", type=int, default=3, help="examples to show, round-robin over sources (default 3)")
+    p.add_argument("--tokens", action="store_true", help="show token boundaries and which tokens carry loss")
+    p.add_argument("--html", metavar="FILE", help="also write a scrollable HTML page")
+    p.add_argument("--no-color", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
+    p.set_defaults(func=cmd_preview)
     p = sub.add_parser("resolve", help="write the per-stage spec files dvc.yaml depends on")
     p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("dvc", help="write (or --check) dvc.yaml from params.yaml")

@@ -41,7 +41,8 @@ def is_unchanged(root: Path) -> bool:
     file the same bytes (DVC re-links specs into its cache, so their stat moves on its own)."""
     try:
         record = json.loads((root / FINGERPRINT).read_text())
-        return (all(_stat(path) == stat for path, stat in record["stat"].items())
+        return (record["root"] == str(root.resolve())  # a copied or cloned fingerprint says nothing
+                and all(_stat(path) == stat for path, stat in record["stat"].items())
                 and all(_content(path) == digest for path, digest in record["content"].items()))
     except (OSError, ValueError, KeyError, AttributeError, TypeError):  # missing or from another version
         return False
@@ -79,7 +80,8 @@ def resolve(root: Path) -> list[str]:
         raise TunefileError("dvc.yaml does not match params.yaml and the recipes; run `tunefile dvc`")
     changed = write_specs(project, plans)
     specs = [str(project.spec_path(name, s.name)) for name, stages in plans.items() for s in stages]
-    record = {"stat": {path: _stat(path) for path in sorted(_watched_paths(project.root, project, plans, stat.touched))},
+    record = {"root": str(project.root.resolve()),
+              "stat": {path: _stat(path) for path in sorted(_watched_paths(project.root, project, plans, stat.touched))},
               "content": {path: _content(path) for path in sorted(specs)}}
     target = project.root / FINGERPRINT
     target.parent.mkdir(parents=True, exist_ok=True)

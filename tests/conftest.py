@@ -22,6 +22,7 @@ def make_project(root: Path, recipe_text: str | None = None, name: str = "defaul
     """A project folder with the repo's data, params.yaml and one recipe (default: the repo's)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "data", root / "data")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
     (root / "recipes").mkdir()
     text = recipe_text if recipe_text is not None else (REPO / "recipes" / "default.yaml").read_text()
     (root / "recipes" / f"{name}.yaml").write_text(text)

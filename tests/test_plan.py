@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 from builder.plan import explain_changes, plan_stages
 from builder.project import load_project
@@ -182,3 +183,6 @@ def test_resolve_fast_path_skips_planning_until_an_input_moves(tmp_path, monkeyp
     with open(root / "data" / "demo_chats.json", "a") as f:
         f.write(" ")
     assert resolve(root) == [f"default/{s}" for s in STAGES[1:]] and planned == [1, 1]
+    copy = tmp_path / "copy"  # a fingerprint copied along with a project is not trusted there
+    shutil.copytree(root, copy)
+    assert resolve(copy) == [] and planned == [1, 1, 1]

@@ -1,4 +1,4 @@
-"""Dataset labels and training batches, on the real tiny model and tokenizer."""
+"""Training batches and stages, on the real tiny model and tokenizer (labels: test_templates.py)."""
 from __future__ import annotations
 
 import os
@@ -6,27 +6,7 @@ import subprocess
 
 import pytest
 
-from builder.stages.dataset import IGNORE_INDEX, label_tokens
 from builder.stages.train import make_batches, pack_rows, to_tensors
-from builder.templates import BUILTIN_TEMPLATES, render_chat
-
-
-def test_label_tokens_trains_only_tokens_inside_spans():
-    ids = [10, 11, 12, 13, 14]
-    offsets = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 8)]
-    assert label_tokens(ids, offsets, [(2, 6)]) == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, IGNORE_INDEX]
-    # A token that straddles a span edge is not trained; an empty-offset token never is.
-    assert label_tokens(ids, offsets, [(3, 8)]) == [IGNORE_INDEX, IGNORE_INDEX, 12, 13, IGNORE_INDEX]
-
-
-def test_chatml_labels_with_tiny_tokenizer(tiny_tokenizer):
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello world."}]
-    result = render_chat(BUILTIN_TEMPLATES["chatml"].read_text(), messages)
-    enc = tiny_tokenizer(result.text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = label_tokens(enc["input_ids"], enc["offset_mapping"], result.trained_spans)
-    trained = [i for i, label in zip(enc["input_ids"], labels) if label != IGNORE_INDEX]
-    assert tiny_tokenizer.decode(trained) == "Hello world.<|im_end|>"
-    assert trained[-1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_pack_rows_restarts_positions_and_drops_boundary_labels():

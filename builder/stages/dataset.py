@@ -27,10 +27,11 @@ from builder.recipe import SourceSpec
 from builder.records import Conversation, Message
 from builder.sources import Reject, read_source
 from builder.stages import StageContext
-from builder.templates import TemplateError, read_template, render_chat
+from builder.templates import TemplateError, read_template, special_tokens
+from builder.templates.checks import check_template
+from builder.templates.tokens import IGNORE_INDEX, tokenize_chats
 
-IGNORE_INDEX = -100
-SHARD_VERSION = 1  # bump when a shard's content changes for the same inputs
+SHARD_VERSION = 2  # bump when a shard's content changes for the same inputs
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,6 @@ def conversation_digest(conversation: Conversation) -> str:
     return hash_value([[m.role, m.content.strip()] for m in conversation.messages])
 
 
-def label_tokens(input_ids: list[int], offsets: list[tuple[int, int]],
-                 spans: list[tuple[int, int]]) -> list[int]:
-    """A token is trained iff all its characters lie in one trained span; else IGNORE_INDEX."""
-    labels = []
-    span_index = 0
-    for token, (start, end) in zip(input_ids, offsets):
-        while span_index < len(spans) and spans[span_index][1] <= start:
-            span_index += 1
-        inside = (span_index < len(spans) and end > start
-                  and spans[span_index][0] <= start and end <= spans[span_index][1])
-        labels.append(token if inside else IGNORE_INDEX)
-    return labels
-
-
 def with_system_prompt(conversation: Conversation, prompt: str | None) -> Conversation:
     if prompt is None or conversation.messages[0].role == "system":
         return conversation
@@ -78,31 +65,19 @@ def with_system_prompt(conversation: Conversation, prompt: str | None) -> Conver
 
 def tokenize_examples(conversations: list[Conversation], template: str, tokenizer, train_on: str,
                       max_length: int, system_prompt: str | None = None) -> tuple[list[Example], list[Reject]]:
-    """Render and tokenize; return the examples and the rejects (with reasons)."""
-    rendered, rejects = [], []
-    for conv in conversations:
-        try:
-            result = render_chat(template, with_system_prompt(conv, system_prompt).to_dicts(),
-                                 bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
-                                 train_on=train_on)
-            rendered.append((conv, result))
-        except TemplateError as exc:
-            rejects.append(Reject(conv.source, conv.file, conv.row, "template_error", str(exc)))
-    texts = [r.text for _, r in rendered]
-    encodings = (tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts
-                 else {"input_ids": [], "offset_mapping": []})
-    examples = []
-    for (conv, result), ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"]):
-        labels = label_tokens(ids, offsets, result.trained_spans)
-        if len(ids) > max_length:
+    """Render, tokenize and label (ids and labels built together by tokenize_chats); return the
+    examples and the rejects, each with the template's countable reason."""
+    finals = [with_system_prompt(conv, system_prompt) for conv in conversations]
+    results = tokenize_chats(template, [final.to_dicts() for final in finals], tokenizer, train_on=train_on)
+    examples, rejects = [], []
+    for conv, final, result in zip(conversations, finals, results):
+        if isinstance(result, TemplateError):
+            rejects.append(Reject(conv.source, conv.file, conv.row, result.reason, str(result)))
+        elif len(result.input_ids) > max_length:
             rejects.append(Reject(conv.source, conv.file, conv.row, "too_long",
-                                  f"{len(ids)} tokens > max_length {max_length}"))
-        elif all(label == IGNORE_INDEX for label in labels):
-            rejects.append(Reject(conv.source, conv.file, conv.row, "no_trained_tokens",
-                                  "the template marks no token of this example for loss"))
+                                  f"{len(result.input_ids)} tokens > max_length {max_length}"))
         else:
-            final = with_system_prompt(conv, system_prompt)
-            examples.append(Example(final, conversation_digest(conv), result.text, ids, labels))
+            examples.append(Example(final, conversation_digest(conv), result.text, result.input_ids, result.labels))
     return examples, rejects
 
 
@@ -200,6 +175,13 @@ def run(ctx: StageContext) -> dict:
     recipe = ctx.recipe
     base_dir = ctx.input_dir("base")
     template = read_template(recipe.template, ctx.project.root, base_dir)
+    # A template that cannot train (no end-of-turn marker, drops a role, not prefix-stable, marks
+    # nothing) fails here, before any source is read, rather than as a dataset of rejects.
+    try:
+        check_template(template, train_on=recipe.train.train_on, with_system=recipe.system_prompt is not None,
+                       **{"bos_token": "", "eos_token": "", **special_tokens(base_dir)})
+    except TemplateError as exc:
+        raise DataError(f"template '{recipe.template}' cannot be trained on ({exc.reason}): {exc}") from exc
 
     @functools.cache
     def tokenizer():  # loaded only when a shard must be built (transformers is slow to import)

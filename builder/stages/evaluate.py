@@ -1,9 +1,14 @@
 """eval@T stage: load the quantized GGUF with llama-cpp-python and measure it.
 
 metrics.json: file size; perplexity on the assistant tokens of a few eval examples; one greedy
-chat completion rendered by the template stored in the GGUF; and the template round trip (the
-GGUF's template equals the training template, and llama.cpp's tokens for an eval conversation
-equal the training tokens).
+chat completion rendered by the template stored in the GGUF; the template round trip (the GGUF's
+template equals the training template, and llama.cpp's tokens for an eval conversation equal the
+training tokens); and `template_checks`, what else must hold for inference to see what training
+saw: the merged model's tokenizer files carry the training template, llama-cpp-python chats with
+the GGUF's template (not a built-in format it guessed), the prompt it builds for the eval
+conversation (add_generation_prompt) is token for token the start of the training tokens, the
+end-of-turn marker is one token llama.cpp stops on, and llama.cpp adding BOS to the rendered
+prompt would not double it.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import time
 
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
-from builder.templates import read_template
+from builder.templates import end_of_turn_marker, read_template, saved_chat_template
 
 EVAL_EXAMPLES = 8
 MAX_NEW_TOKENS = 32
@@ -39,22 +44,53 @@ def perplexity(llm, rows: list[dict]) -> tuple[float | None, int]:
     return (float(np.exp(total / count)) if count else None), count
 
 
-def template_round_trip(llm, template: str, row: dict) -> dict:
-    """Render the eval conversation with the GGUF's own template through llama-cpp-python."""
+def _token_text(llm, token_id: int) -> str:
+    return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
+
+
+def _format_chat(llm, template: str, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+    """What llama-cpp-python's chat handler feeds the model: the GGUF template rendered by its Jinja
+    formatter, tokenized with special tokens and no extra BOS (the formatter owns BOS)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+    formatter = Jinja2ChatFormatter(template=template, eos_token=_token_text(llm, llm.token_eos()),
+                                    bos_token=_token_text(llm, llm.token_bos()),
+                                    add_generation_prompt=add_generation_prompt)
+    result = formatter(messages=messages)
+    return result.prompt, llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+
+def template_round_trip(llm, template: str, row: dict) -> dict:
+    """Render the eval conversation with the GGUF's own template through llama-cpp-python."""
     stored = llm.metadata.get("tokenizer.chat_template")
     if stored is None:
         return {"template_equal": False, "tokens_equal": False}
-
-    def token_text(token_id: int) -> str:
-        return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
-
-    formatter = Jinja2ChatFormatter(template=stored, eos_token=token_text(llm.token_eos()),
-                                    bos_token=token_text(llm.token_bos()), add_generation_prompt=False)
-    prompt = formatter(messages=row["messages"]).prompt
-    tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    _, tokens = _format_chat(llm, stored, row["messages"], add_generation_prompt=False)
     return {"template_equal": stored == template, "tokens_equal": tokens == list(row["input_ids"])}
+
+
+def template_checks(llm, template: str, row: dict, merged_template: str | None) -> dict:
+    """The rest of the round trip, each check True when inference sees what training saw."""
+    import llama_cpp
+
+    stored = llm.metadata.get("tokenizer.chat_template") or ""
+    messages = row["messages"]
+    last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    text, prompt = _format_chat(llm, stored, messages[:last_answer], add_generation_prompt=True)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
+    marker = end_of_turn_marker(template, bos_token=bos, eos_token=eos).strip()
+    marker_tokens = llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+    # llama.cpp's server path tokenizes the rendered prompt adding BOS when the GGUF asks for it.
+    with_bos = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    return {
+        "merged_template_equal": merged_template == template,
+        "chat_format_is_gguf_template": llm.chat_format == "chat_template.default",
+        "prompt_tokens_prefix_training": list(row["input_ids"][: len(prompt)]) == prompt,
+        "end_of_turn_is_stop_token": (len(marker_tokens) == 1
+                                      and bool(llama_cpp.llama_vocab_is_eog(vocab, marker_tokens[0]))),
+        "no_double_bos": with_bos[:2] != [llm.token_bos()] * 2,
+    }
 
 
 def run(ctx: StageContext) -> dict:
@@ -77,6 +113,7 @@ def run(ctx: StageContext) -> dict:
         reply = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0)
         seconds = time.time() - started
         round_trip = template_round_trip(llm, template, rows[0])
+        checks = template_checks(llm, template, rows[0], saved_chat_template(ctx.input_dir("merge")))
     finally:
         llm.close()
     generated = reply["usage"]["completion_tokens"]
@@ -90,6 +127,8 @@ def run(ctx: StageContext) -> dict:
         "generation": reply["choices"][0]["message"]["content"],
         "generation_tokens_per_second": round(generated / seconds, 1) if seconds else None,
         "template_roundtrip": round_trip,
+        "template_checks": checks,
     }
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    return {k: metrics[k] for k in ("perplexity", "file_bytes", "generated_tokens", "template_roundtrip")}
+    return {k: metrics[k] for k in ("perplexity", "file_bytes", "generated_tokens", "template_roundtrip",
+                                    "template_checks")}

@@ -1,10 +1,12 @@
-"""quantize@T stage: llama.cpp's quantizer, in process, from the gguf stage's file to `model-<T>.gguf`."""
+"""quantize@T stage: llama.cpp's quantizer, in process, from the gguf stage's file to `model-<T>.gguf`,
+and an Ollama `Modelfile` beside it (FROM that file, the training template, its stop tokens)."""
 from __future__ import annotations
 
 import ctypes
 import os
 
 from builder.errors import StageError
+from builder.export.modelfile import write_modelfile
 from builder.quant import quant_ftype_name
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
@@ -22,4 +24,5 @@ def run(ctx: StageContext) -> dict:
     status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if status != 0 or not dst.is_file():
         raise StageError(f"llama.cpp could not quantize {src.name} to {quant} (status {status})")
-    return {"file": dst.name, "bytes": dst.stat().st_size}
+    modelfile = write_modelfile(dst)
+    return {"file": dst.name, "bytes": dst.stat().st_size, "modelfile": modelfile.name}

@@ -1,0 +1,314 @@
+"""render_chat: the text transformers' apply_chat_template renders, and the character spans that carry loss.
+
+How the spans are found, for any template, in two renders (both linear in the conversation):
+1. The conversation is rendered as is: that is the text.
+2. It is rendered again with each message's content replaced by a sentinel (`\\ue000<i>\\ue001`:
+   private-use characters and digits, unchanged by trim, upper or lower). This skeleton shows
+   where the template put each message and which characters are the template's own. Walking it
+   against the text gives each content's exact position, also when the template trims content,
+   moves the system prompt into the first user turn, adds BOS, or writes a message twice. Where
+   the walk does not line up (the template branches on the content itself), each content is
+   searched for, in the order the skeleton shows them. The skeleton depends only on the
+   conversation's shape (roles and other non-content fields), so same-shaped conversations share
+   one: a dataset pays about one render per conversation.
+3. The end-of-turn marker is learnt once per template from a probe conversation: the text that
+   follows an assistant message both mid-conversation and at the end, trailing whitespace
+   dropped (`<|im_end|>`, `<|eot_id|>`, ` </s>`, `<end_of_turn>`, `<|end|>` ...).
+A trained span is an assistant message's content plus the marker right after it. An assistant
+message the text does not contain, a system or user message the template silently leaves out, or
+a trained answer with no marker after it is a TemplateError with a countable `reason`.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from builder.templates.errors import TemplateError
+from builder.templates.sandbox import render_template
+
+TRAIN_ON = ("all_assistant", "last_assistant", "all")
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
+_PROBES = (("user", "assistant", "user", "assistant"),
+           ("system", "user", "assistant", "user", "assistant"))
+_MAX_WHITESPACE_TRIES = 64  # leading/trailing whitespace lengths tried when a template trims content
+_MARKERS: dict[tuple[str, str], str] = {}
+_SKELETONS: dict[tuple[str, str, tuple], str | None] = {}
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    trained_spans: list[tuple[int, int]]
+
+
+def template_variables(bos_token: str, eos_token: str, add_generation_prompt: bool, extra: dict) -> dict:
+    """What apply_chat_template passes besides messages: tools and documents (None unless given),
+    add_generation_prompt, the special tokens, and any extra variables (which win)."""
+    return {"tools": None, "documents": None, "add_generation_prompt": add_generation_prompt,
+            "bos_token": bos_token, "eos_token": eos_token, **extra}
+
+
+def plain_messages(messages: list[dict]) -> list[dict]:
+    """A copy as transformers passes it to the template: keys whose value is None are dropped."""
+    return [{k: v if type(v) is str else _plain(v) for k, v in m.items() if v is not None} for m in messages]
+
+
+def _plain(value):  # noqa: ANN001, ANN202
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _with_sentinels(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": _SENTINEL.format(i)} if isinstance(m.get("content"), str) else m
+            for i, m in enumerate(messages)]
+
+
+def _render(source: str, messages: list[dict], variables: dict) -> str:
+    return render_template(source, {**variables, "messages": messages})[0]
+
+
+def end_of_turn_marker(source: str, **variables) -> str:
+    """What the template writes right after an assistant message, mid-conversation and at the end
+    alike, trailing whitespace dropped; learnt once per template and variables."""
+    variables = {"tools": None, "documents": None, **variables, "add_generation_prompt": False}
+    key = (source, json.dumps(variables, sort_keys=True, default=repr))
+    if key not in _MARKERS:
+        if len(_MARKERS) > 256:
+            _MARKERS.clear()
+        _MARKERS[key] = _learn_marker(source, variables)
+    return _MARKERS[key]
+
+
+def _learn_marker(source: str, variables: dict) -> str:
+    refusals = []
+    for roles in _PROBES:
+        probe = [{"role": role, "content": _SENTINEL.format(i)} for i, role in enumerate(roles)]
+        try:
+            skeleton = _render(source, probe, variables)
+        except TemplateError as exc:
+            refusals.append(str(exc))
+            continue
+        first, last = len(roles) - 3, len(roles) - 1  # the two assistant messages
+        after_first, after_last = _text_after(skeleton, first), _text_after(skeleton, last)
+        if after_first is None or after_last is None:
+            refusals.append("the template leaves out assistant messages")
+            continue
+        marker = _common_marker(after_first, after_last)
+        if not marker:
+            raise TemplateError("the template writes nothing after an assistant message that it does not "
+                                "also write before the next turn, so the model would never learn to stop; "
+                                "add an end-of-turn token (eos)", reason="no_end_of_turn")
+        return marker
+    raise TemplateError("the template refuses a plain user/assistant conversation: " + "; ".join(refusals))
+
+
+def common_start(a: str, b: str) -> int:
+    """Length of the longest common start of a and b that ends where both break naturally: at an
+    end, at whitespace, or between `>` and `<`. Phi-3 writes `<|end|>\\n<|user|>` mid-conversation and
+    `<|end|>\\n<|endoftext|>` at the end: they share `<|end|>\\n`, not `<|end|>\\n<|`."""
+    n = len(os.path.commonprefix([a, b]))
+    while n > 0 and not (_is_break(a, n) and _is_break(b, n)):
+        n -= 1
+    return n
+
+
+def _common_marker(a: str, b: str) -> str:
+    return a[:common_start(a, b)].rstrip()
+
+
+def _is_break(text: str, n: int) -> bool:
+    return n == len(text) or text[n - 1].isspace() or text[n].isspace() or text[n - 1] in ">]" or text[n] in "<["
+
+
+def _text_after(skeleton: str, index: int) -> str | None:
+    """The template's text between message `index`'s content and the next content (or the end)."""
+    sentinel = _SENTINEL.format(index)
+    at = skeleton.find(sentinel)
+    if at < 0:
+        return None
+    rest = skeleton[at + len(sentinel):]
+    following = _SENTINEL_RE.search(rest)
+    return rest[: following.start()] if following else rest
+
+
+def _match_content(text: str, pos: int, content: str, after: str, final: bool) -> int | None:
+    """Where the template's rendering of `content` starting at `pos` ends, if it is the content
+    with some of its leading/trailing whitespace trimmed and `after` follows it."""
+    end = pos + len(content)
+    if (text.startswith(content, pos) and text.startswith(after, end)
+            and (not final or end + len(after) == len(text))):
+        return end  # the template wrote the content as is: the common case
+    core = content.strip()
+    lead = content[: len(content) - len(content.lstrip())] if core else content
+    trail = content[len(content.rstrip()):] if core else ""
+    cuts_lead = _cuts(len(lead))
+    for a in cuts_lead:
+        head = lead[a:] + core
+        if not text.startswith(head, pos):
+            continue
+        for b in reversed(_cuts(len(trail))):
+            end = pos + len(head) + b
+            if (text.startswith(trail[:b], pos + len(head)) and text.startswith(after, end)
+                    and (not final or end + len(after) == len(text))):
+                return end
+    return None
+
+
+def _cuts(n: int) -> list[int]:
+    return list(range(n + 1)) if n <= _MAX_WHITESPACE_TRIES else [0, n]
+
+
+def _walk(skeleton: str, messages: list[dict], text: str) -> list[list[tuple[int, int]]] | None:
+    """Each message's content positions in `text`, by walking the skeleton; None if it does not fit."""
+    pieces = _SENTINEL_RE.split(skeleton)
+    literals, indices = pieces[0::2], [int(i) for i in pieces[1::2]]
+    found: list[list[tuple[int, int]]] = [[] for _ in messages]
+    if not text.startswith(literals[0]):
+        return None
+    pos = len(literals[0])
+    for j, index in enumerate(indices):
+        after = literals[j + 1]
+        end = _match_content(text, pos, messages[index]["content"], after, final=j == len(indices) - 1)
+        if end is None:
+            return None
+        found[index].append((pos, end))
+        pos = end + len(after)
+    return found if pos == len(text) else None
+
+
+def _search(skeleton: str | None, messages: list[dict], text: str) -> list[list[tuple[int, int]]]:
+    """Fallback: find each content (as is, else stripped) in the order the skeleton shows them,
+    preferring a match right after the template text the skeleton puts before it."""
+    found: list[list[tuple[int, int]]] = [[] for _ in messages]
+    if skeleton is not None:
+        order = [(int(m.group(1)), skeleton[max(0, m.start() - 16):m.start()])
+                 for m in _SENTINEL_RE.finditer(skeleton)]
+        order = [(i, anchor.rsplit("\ue001", 1)[-1]) for i, anchor in order]
+    else:
+        order = [(i, "") for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
+    cursor = 0
+    for index, anchor in order:
+        content = messages[index]["content"]
+        if not content.strip():
+            continue  # whitespace may be trimmed away entirely: nothing to find, nothing to train
+        candidates = list(dict.fromkeys((content, content.strip())))
+        # Right after the template text the skeleton puts before it (which may lie just before the
+        # cursor) first, as is or stripped; anywhere after the cursor only if that fails.
+        tries = [(anchor + c, len(anchor), max(0, cursor - len(anchor))) for c in candidates if anchor]
+        for needle, skip, begin in tries + [(c, 0, cursor) for c in candidates]:
+            at = text.find(needle, begin)
+            if at >= 0:
+                found[index].append((at + skip, at + len(needle)))
+                cursor = at + len(needle)
+                break
+    return found
+
+
+def _skeleton(source: str, messages: list[dict], variables: dict) -> str | None:
+    """The render with sentinel contents. It depends on the template, the variables and each
+    message's fields other than content (roles, mostly), never on the contents themselves, so
+    conversations of the same shape share one render."""
+    shape = tuple(m.get("role") if len(m) == 2 and type(m.get("content")) is str and "role" in m
+                  else json.dumps({k: v for k, v in m.items() if k != "content" or not isinstance(v, str)},
+                                  sort_keys=True, default=repr)
+                  for m in messages)
+    key = (source, json.dumps(variables, sort_keys=True, default=repr), shape)
+    if key not in _SKELETONS:
+        if len(_SKELETONS) > 1024:
+            _SKELETONS.clear()
+        try:
+            _SKELETONS[key] = _render(source, _with_sentinels(messages), variables)
+        except TemplateError:
+            _SKELETONS[key] = None  # the template branches on content so that sentinels break it
+    return _SKELETONS[key]
+
+
+def content_positions(source: str, messages: list[dict], text: str, variables: dict) -> list[list[tuple[int, int]]]:
+    """Where each message's content lies in `text` (a list per message: empty if left out, two
+    entries if the template writes it twice)."""
+    skeleton = _skeleton(source, messages, variables)
+    if skeleton is not None:
+        walked = _walk(skeleton, messages, text)
+        if walked is not None:
+            return walked
+    return _search(skeleton, messages, text)
+
+
+def _after_marker(text: str, end: int, marker: str, limit: int) -> int | None:
+    """End of the marker that follows a content ending at `end` (whitespace between allowed)."""
+    core = marker.lstrip()
+    i = end
+    while i < limit and text[i].isspace() and not text.startswith(core, i):
+        i += 1
+    stop = i + len(core)
+    return stop if stop <= limit and text.startswith(core, i) else None
+
+
+def _check_nothing_dropped(messages: list[dict], positions: list[list[tuple[int, int]]]) -> None:
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if message.get("role") != "assistant" and isinstance(content, str) and content.strip() and not positions[i]:
+            raise TemplateError(f"message {i} ({message.get('role')}) does not appear in the rendered text: the "
+                                "template leaves it out or rewrites it, so the model would be trained without "
+                                "it; use a template that renders this role as given, or drop the message "
+                                "(e.g. system_prompt)", reason="dropped_message")
+
+
+def render_chat(template_source: str, messages: list[dict], bos_token: str = "<s>",
+                eos_token: str = "</s>", add_generation_prompt: bool = False,
+                train_on: str = "all_assistant", **extra) -> RenderedChat:
+    """Render like HF's apply_chat_template and return the character spans that carry loss."""
+    if train_on not in TRAIN_ON:
+        raise TemplateError(f"train_on '{train_on}' unknown; allowed: {', '.join(TRAIN_ON)}")
+    messages = plain_messages(messages)
+    variables = template_variables(bos_token, eos_token, add_generation_prompt, extra)
+    text = _render(template_source, messages, variables)
+    if train_on == "all":
+        return RenderedChat(text, [(0, len(text))] if text else [])
+    trained = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if train_on == "last_assistant":
+        trained = trained[-1:]
+    positions = content_positions(template_source, messages, text, variables)
+    _check_nothing_dropped(messages, positions)
+    if not trained:
+        return RenderedChat(text, [])
+    marker = end_of_turn_marker(template_source, **variables)
+    starts = sorted(start for found in positions for start, _ in found)
+    spans = []
+    for i in trained:
+        if not isinstance(messages[i].get("content"), str):
+            raise TemplateError(f"message {i} (assistant) has no text content (tool calls alone cannot be "
+                                "trained yet)", reason="dropped_message")
+        if not positions[i]:
+            raise TemplateError(f"message {i} (assistant) does not appear in the rendered text: the template "
+                                "drops or rewrites it, so it cannot be trained", reason="dropped_message")
+        for start, end in positions[i]:
+            # The marker must lie in the template's text before the next content.
+            k = bisect.bisect_left(starts, end + (start == end))
+            limit = starts[k] if k < len(starts) else len(text)
+            stop = _after_marker(text, end, marker, limit)
+            if stop is None:
+                raise TemplateError(f"message {i} (assistant) is not followed by the end-of-turn marker "
+                                    f"{marker!r}, so the model would not learn to stop there",
+                                    reason="no_end_of_turn")
+            spans.append((start, stop))
+    return RenderedChat(text, _merge(spans))
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged

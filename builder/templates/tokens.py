@@ -1,0 +1,124 @@
+"""Token ids and labels built in one step from a conversation, so they cannot drift apart.
+
+    chat = tokenize_chat(template, messages, tokenizer, train_on="all_assistant")
+    chat.input_ids, chat.labels       # labels: the token id where it carries loss, else -100
+    chats = tokenize_chats(template, conversations, tokenizer)   # batched; refusals in place
+
+The text is rendered as transformers' apply_chat_template renders it (with the tokenizer's special
+tokens as template variables) and tokenized without adding special tokens, as apply_chat_template
+does: the template owns BOS. Labels come from the trained character spans through the
+tokenizer's offsets: a token is trained iff all its characters lie in one span.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from builder.templates.errors import TemplateError
+from builder.templates.spans import RenderedChat, render_chat
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedChat:
+    text: str
+    trained_spans: list[tuple[int, int]]
+    input_ids: list[int]
+    labels: list[int]
+    offsets: list[tuple[int, int]]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def label_tokens(input_ids: list[int], offsets: list[tuple[int, int]],
+                 spans: list[tuple[int, int]]) -> list[int]:
+    """A token is trained iff all its characters lie in one trained span; else IGNORE_INDEX.
+    Spans are sorted and disjoint (render_chat's are)."""
+    import numpy as np
+
+    if not input_ids:
+        return []
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = bounds[:, 0], bounds[:, 1]
+    if not spans:
+        return [IGNORE_INDEX] * len(input_ids)
+    span_starts, span_ends = np.asarray(spans, dtype=np.int64).T
+    k = np.searchsorted(span_ends, starts, side="right")  # the first span ending after the token starts
+    k_safe = np.minimum(k, len(spans) - 1)
+    inside = (k < len(spans)) & (ends > starts) & (span_starts[k_safe] <= starts) & (ends <= span_ends[k_safe])
+    return np.where(inside, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def template_tokens(tokenizer) -> dict[str, str]:  # noqa: ANN001
+    """The special tokens transformers passes to a chat template (bos_token, eos_token, ...)."""
+    return {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+
+
+def check_bos(input_ids: list[int], bos_token_id: int | None) -> None:
+    """Refuse a doubled BOS: the template writes BOS and something (the template again, or a
+    tokenizer asked to add special tokens) put another in front of it."""
+    if bos_token_id is not None and input_ids[:2] == [bos_token_id, bos_token_id]:
+        raise TemplateError("the tokens start with two BOS tokens: the template writes bos_token and the "
+                            "tokenizer (or the template itself) adds another; keep exactly one",
+                            reason="double_bos")
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:  # noqa: ANN001
+    """Token ids and character offsets per text, no special tokens added (the template owns them).
+    A fast tokenizer's Rust backend is called directly: the same ids as tokenizer(texts), batched
+    in Rust, without the Python wrapper's overhead."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(list(ids), [tuple(o) for o in offsets])
+            for ids, offsets in zip(encoding["input_ids"], encoding["offset_mapping"])]
+
+
+def _labelled(rendered: RenderedChat, ids: list[int], offsets: list[tuple[int, int]], bos_token_id: int | None,
+              is_prompt: bool) -> TokenizedChat:
+    check_bos(ids, bos_token_id)
+    labels = label_tokens(ids, offsets, rendered.trained_spans)
+    if not is_prompt and all(label == IGNORE_INDEX for label in labels):
+        why = ("every trained character shares a token with untrained ones" if rendered.trained_spans
+               else "it has no assistant message to train on")
+        raise TemplateError(f"no token of this example carries loss: {why}", reason="no_trained_tokens")
+    return TokenizedChat(rendered.text, rendered.trained_spans, list(ids), labels, list(offsets))
+
+
+def tokenize_chat(template_source: str, messages: list[dict], tokenizer, train_on: str = "all_assistant",  # noqa: ANN001
+                  add_generation_prompt: bool = False, **extra) -> TokenizedChat:
+    """Render, tokenize and label one conversation; raise TemplateError (with a countable
+    `reason`) for a doubled BOS, or for a training example (no generation prompt) in which no
+    token carries loss."""
+    variables = {**template_tokens(tokenizer), **extra}
+    rendered = render_chat(template_source, messages, add_generation_prompt=add_generation_prompt,
+                           train_on=train_on, **variables)
+    (ids, offsets), = encode_texts(tokenizer, [rendered.text])
+    return _labelled(rendered, ids, offsets, tokenizer.bos_token_id, add_generation_prompt)
+
+
+def tokenize_chats(template_source: str, conversations: list[list[dict]], tokenizer,  # noqa: ANN001
+                   train_on: str = "all_assistant", **extra) -> list[TokenizedChat | TemplateError]:
+    """tokenize_chat for many training conversations, tokenized in one batch. A conversation the
+    template refuses gets its TemplateError in its place (to count as a reject by `.reason`)."""
+    variables = {**template_tokens(tokenizer), **extra}
+    results: list[RenderedChat | TemplateError | TokenizedChat] = []
+    for messages in conversations:
+        try:
+            results.append(render_chat(template_source, messages, train_on=train_on, **variables))
+        except TemplateError as exc:
+            results.append(exc)
+    encoded = iter(encode_texts(tokenizer, [r.text for r in results if isinstance(r, RenderedChat)]))
+    for i, result in enumerate(results):
+        if isinstance(result, RenderedChat):
+            ids, offsets = next(encoded)
+            try:
+                results[i] = _labelled(result, ids, offsets, tokenizer.bos_token_id, is_prompt=False)
+            except TemplateError as exc:
+                results[i] = exc
+    return results
