@@ -233,6 +233,71 @@ def test_generation_markers_give_the_same_token_mask_as_transformers(tiny_tokeni
     assert [int(label != IGNORE_INDEX) for label in ours.labels] == list(hf["assistant_masks"])
 
 
+def test_template_that_opens_the_next_turn_after_the_last_answer_does_not_train_the_opener(tiny_tokenizer):
+    # Like Llama-3's first release: the assistant header is written after every conversation,
+    # whatever add_generation_prompt says. The opener must not become part of the marker.
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+                " + m['content'] + '<|eot_id|>' }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
+    result = render_chat(template, CONVERSATION)
+    assert result.text == hf_render(tiny_tokenizer, template, CONVERSATION)
+    assert trained_text(result) == ["Red.<|eot_id|>", "Blue.<|eot_id|>"]
+    assert end_of_turn_marker(template, bos_token="<s>") == "<|eot_id|>"
+
+
+def test_closer_shared_with_a_default_system_turn_is_kept_through_eos():
+    # Like Command-R7B: a default preamble turn closes with the same token (EOS) as answers, which
+    # close with <|END_RESPONSE|><|END_OF_TURN|>; the opener of the next turn is always written.
+    template = ("{{ '<|START|><|SYSTEM|>Default preamble.<|END_OF_TURN|>' }}{% for m in messages %}"
+                "{% if m['role'] == 'user' %}{{ '<|START|><|USER|>' + m['content'] + '<|END_OF_TURN|>' }}"
+                "{% elif m['role'] == 'assistant' %}{{ '<|START|><|BOT|><|RESPONSE|>' + m['content'] + "
+                "'<|END_RESPONSE|><|END_OF_TURN|>' }}{% endif %}{% endfor %}{{ '<|START|><|BOT|>' }}")
+    result = render_chat(template, CONVERSATION[1:], eos_token="<|END_OF_TURN|>")
+    assert trained_text(result) == ["Red.<|END_RESPONSE|><|END_OF_TURN|>", "Blue.<|END_RESPONSE|><|END_OF_TURN|>"]
+
+
+def test_answers_closed_differently_in_history_and_at_the_end():
+    # Like gpt-oss: history answers end with <|end|>, the final answer with <|return|>, unless a
+    # generation prompt follows it (then it is history too).
+    template = ("{{ '<|start|>system<|message|>Default.<|end|>' }}{% for m in messages %}{{ '<|start|>' + m['role'] + "
+                "'<|message|>' + m['content'] }}{% if m['role'] == 'assistant' and loop.last and not "
+                "add_generation_prompt %}{{ '<|return|>' }}{% else %}{{ '<|end|>' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}")
+    messages = CONVERSATION[1:]
+    assert trained_text(render_chat(template, messages)) == ["Red.<|end|>", "Blue.<|return|>"]
+    assert trained_text(render_chat(template, messages, add_generation_prompt=True)) == ["Red.<|end|>", "Blue.<|end|>"]
+    assert end_of_turn_marker(template) == "<|return|>"
+
+
+def test_reasoning_is_offered_under_both_names_as_transformers_does(tiny_tokenizer):
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m.thinking is defined %}"
+                "{{ '<think>' + m.thinking + '</think>' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    for field in ("reasoning_content", "thinking", "reasoning"):
+        messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.", field: "add"}]
+        result = render_chat(template, messages)
+        assert result.text == hf_render(tiny_tokenizer, template, messages)
+        assert "<think>add</think>" in result.text and trained_text(result) == ["4.<|im_end|>"]
+
+
+def test_a_tokenizer_without_bos_gets_no_made_up_bos(tiny_tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="</s>")
+    assert no_bos.bos_token is None
+    template, messages = BUILTIN_TEMPLATES["llama-3"].read_text(), CONVERSATION[1:3]
+    chat = tokenize_chat(template, messages, no_bos)
+    assert chat.text == hf_render(no_bos, template, messages) and not chat.text.startswith("<s>")
+    with pytest.raises(TemplateError):  # as transformers: a template that needs bos_token fails without one
+        tokenize_chat(BUILTIN_TEMPLATES["llama-2"].read_text(), messages, no_bos)
+
+
+def test_tool_call_answers_without_text_are_refused_with_the_reason():
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "w", "arguments": {}}}]}]
+    with pytest.raises(TemplateError, match="tool calls alone cannot be trained yet") as err:
+        render_chat(CHATML, messages)
+    assert err.value.reason == "dropped_message"
+
+
 def test_template_without_end_of_turn_is_refused():
     no_marker = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{{ eos_token }}"
     with pytest.raises(TemplateError, match="writes nothing after an assistant message") as err:

@@ -179,7 +179,7 @@ def run(ctx: StageContext) -> dict:
     # nothing) fails here, before any source is read, rather than as a dataset of rejects.
     try:
         check_template(template, train_on=recipe.train.train_on, with_system=recipe.system_prompt is not None,
-                       **{"bos_token": "", "eos_token": "", **special_tokens(base_dir)})
+                       **{"bos_token": None, "eos_token": None, **special_tokens(base_dir)})
     except TemplateError as exc:
         raise DataError(f"template '{recipe.template}' cannot be trained on ({exc.reason}): {exc}") from exc
 

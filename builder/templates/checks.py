@@ -37,8 +37,8 @@ def _render(source: str, messages: list[dict], variables: dict, add_generation_p
                                     "add_generation_prompt": add_generation_prompt})[0]
 
 
-def check_prefix_stable(template_source: str, messages: list[dict], bos_token: str = "<s>",
-                        eos_token: str = "</s>", train_on: str = "all_assistant", **extra) -> None:
+def check_prefix_stable(template_source: str, messages: list[dict], bos_token: str | None = "<s>",
+                        eos_token: str | None = "</s>", train_on: str = "all_assistant", **extra) -> None:
     """Raise TemplateError (reason not_prefix_stable) unless, for every trained assistant message,
     rendering the conversation before it with add_generation_prompt gives exactly the text that
     precedes it in the training render: what the model sees at inference is what it learnt after.
@@ -66,7 +66,7 @@ def check_prefix_stable(template_source: str, messages: list[dict], bos_token: s
                 "another template", reason="not_prefix_stable")
 
 
-def check_template(template_source: str, bos_token: str = "<s>", eos_token: str = "</s>",
+def check_template(template_source: str, bos_token: str | None = "<s>", eos_token: str | None = "</s>",
                    train_on: str = "all_assistant", with_system: bool = False, **extra) -> TemplateReport:
     """Run the template on a probe conversation and raise TemplateError with what is wrong: it does
     not parse, refuses a plain conversation (or a system message, when with_system), leaves a

@@ -35,7 +35,7 @@ _SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
 _PROBES = (("user", "assistant", "user", "assistant"),
            ("system", "user", "assistant", "user", "assistant"))
 _MAX_WHITESPACE_TRIES = 64  # leading/trailing whitespace lengths tried when a template trims content
-_MARKERS: dict[tuple[str, str], str] = {}
+_MARKERS: dict[tuple[str, str], "EndOfTurn"] = {}
 _SKELETONS: dict[tuple[str, str, tuple], str | None] = {}
 
 
@@ -45,16 +45,30 @@ class RenderedChat:
     trained_spans: list[tuple[int, int]]
 
 
-def template_variables(bos_token: str, eos_token: str, add_generation_prompt: bool, extra: dict) -> dict:
+def template_variables(bos_token: str | None, eos_token: str | None, add_generation_prompt: bool,
+                       extra: dict) -> dict:
     """What apply_chat_template passes besides messages: tools and documents (None unless given),
-    add_generation_prompt, the special tokens, and any extra variables (which win)."""
-    return {"tools": None, "documents": None, "add_generation_prompt": add_generation_prompt,
-            "bos_token": bos_token, "eos_token": eos_token, **extra}
+    add_generation_prompt, the special tokens, and any extra variables (which win). A special token
+    that is None is left undefined, as transformers leaves out a token the tokenizer lacks (a
+    template that needs it then fails as it would there, instead of rendering a made-up `<s>`)."""
+    tokens = {k: v for k, v in {"bos_token": bos_token, "eos_token": eos_token, **extra}.items()
+              if not (k.endswith("_token") and v is None)}
+    return {"tools": None, "documents": None, "add_generation_prompt": add_generation_prompt, **tokens}
+
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def plain_messages(messages: list[dict]) -> list[dict]:
-    """A copy as transformers passes it to the template: keys whose value is None are dropped."""
-    return [{k: v if type(v) is str else _plain(v) for k, v in m.items() if v is not None} for m in messages]
+    """A copy as transformers passes it to the template: keys whose value is None are dropped, and
+    a message's reasoning (the first of reasoning_content, thinking, reasoning) is offered under
+    both `thinking` and `reasoning_content`, whichever name the template reads."""
+    plain = []
+    for m in messages:
+        m = {k: v if type(v) is str else _plain(v) for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        plain.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return plain
 
 
 def _plain(value):  # noqa: ANN001, ANN202
@@ -76,19 +90,34 @@ def _render(source: str, messages: list[dict], variables: dict) -> str:
     return render_template(source, {**variables, "messages": messages})[0]
 
 
-def end_of_turn_marker(source: str, **variables) -> str:
-    """What the template writes right after an assistant message, mid-conversation and at the end
-    alike, trailing whitespace dropped; learnt once per template and variables."""
-    variables = {"tools": None, "documents": None, **variables, "add_generation_prompt": False}
+@dataclass(frozen=True)
+class EndOfTurn:
+    """What closes an assistant turn: `middle` before another turn, `final` at the end of the
+    conversation. Equal for most templates; gpt-oss-like ones close history answers with one
+    token (`<|end|>`) and the final answer with another (`<|return|>`)."""
+    middle: str
+    final: str
+
+
+def end_of_turn_markers(source: str, **variables) -> EndOfTurn:
+    """The end-of-turn markers, learnt once per template and variables from probe conversations."""
+    variables = {**template_variables(variables.pop("bos_token", None), variables.pop("eos_token", None), False,
+                                      variables), "add_generation_prompt": False}
     key = (source, json.dumps(variables, sort_keys=True, default=repr))
     if key not in _MARKERS:
         if len(_MARKERS) > 256:
             _MARKERS.clear()
-        _MARKERS[key] = _learn_marker(source, variables)
+        _MARKERS[key] = _learn_markers(source, variables)
     return _MARKERS[key]
 
 
-def _learn_marker(source: str, variables: dict) -> str:
+def end_of_turn_marker(source: str, **variables) -> str:
+    """What the template writes right after the final assistant message, trailing whitespace
+    dropped (`<|im_end|>`, `<|eot_id|>`, ...): the token generation stops on."""
+    return end_of_turn_markers(source, **variables).final
+
+
+def _learn_markers(source: str, variables: dict) -> EndOfTurn:
     refusals = []
     for roles in _PROBES:
         probe = [{"role": role, "content": _SENTINEL.format(i)} for i, role in enumerate(roles)]
@@ -102,13 +131,54 @@ def _learn_marker(source: str, variables: dict) -> str:
         if after_first is None or after_last is None:
             refusals.append("the template leaves out assistant messages")
             continue
-        marker = _common_marker(after_first, after_last)
-        if not marker:
-            raise TemplateError("the template writes nothing after an assistant message that it does not "
-                                "also write before the next turn, so the model would never learn to stop; "
-                                "add an end-of-turn token (eos)", reason="no_end_of_turn")
-        return marker
+        # Mid-conversation, the text after an answer runs on into the next turn's opener: drop the
+        # part that also opens the conversation's first turn. Otherwise a template that writes a
+        # turn opener after the last answer too (Llama-3's first release, Command-R7B) would have
+        # the opener learnt as part of the marker.
+        middle = _without_opener(after_first, skeleton[:skeleton.find(_SENTINEL.format(0))])
+        common = _common_marker(middle or after_first, after_last)
+        if common:
+            return EndOfTurn(*[_through_eos(common, after_first, after_last, variables.get("eos_token"))] * 2)
+        if middle.strip() and after_last.strip():  # different markers by position: <|end|>, <|return|>
+            return EndOfTurn(middle.rstrip(), after_last.rstrip())
+        raise TemplateError("the template writes nothing after an assistant message that it does not "
+                            "also write before the next turn, so the model would never learn to stop; "
+                            "add an end-of-turn token (eos)", reason="no_end_of_turn")
     raise TemplateError("the template refuses a plain user/assistant conversation: " + "; ".join(refusals))
+
+
+def _through_eos(marker: str, after_first: str, after_last: str, eos: str | None) -> str:
+    """The marker, extended through the EOS token where the template writes it next after every
+    answer. Cutting the next turn's opener can cut a closing EOS shared with the system turn too
+    (Command-R7B closes answers with `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`); EOS is the stop token."""
+    if not eos:
+        return marker
+    both = _common_marker(after_first, after_last)
+    rest = both[len(marker):] if both.startswith(marker) else ""
+    at = rest.find(eos)
+    return marker + rest[:at + len(eos)] if at >= 0 and not rest[:at].strip() else marker
+
+
+def _without_opener(after: str, opening: str) -> str:
+    """`after` without its longest ending, starting at a natural break, that `opening` (the
+    template's text before the first message) also ends with; "" if nothing but whitespace is left.
+    Where that ending swallows everything (a default system turn before the first user message
+    closes with the same token as answers do: gpt-oss, Llama-3.1), a shorter ending that still
+    names the user role is taken as the opener."""
+    n = 0
+    while n < min(len(after), len(opening)) and after[-1 - n] == opening[-1 - n]:
+        n += 1
+    longest = True
+    while n > 0:
+        if _is_break(after, len(after) - n) and _is_break(opening, len(opening) - n):
+            rest = after[:len(after) - n]
+            if rest.strip():
+                return rest
+            longest = False
+        n -= 1
+        if not longest and "user" not in after[len(after) - n:].lower():
+            break
+    return ""
 
 
 def common_start(a: str, b: str) -> int:
@@ -126,7 +196,7 @@ def _common_marker(a: str, b: str) -> str:
 
 
 def _is_break(text: str, n: int) -> bool:
-    return n == len(text) or text[n - 1].isspace() or text[n].isspace() or text[n - 1] in ">]" or text[n] in "<["
+    return n == 0 or n == len(text) or text[n - 1].isspace() or text[n].isspace() or text[n - 1] in ">]" or text[n] in "<["
 
 
 def _text_after(skeleton: str, index: int) -> str | None:
@@ -263,8 +333,8 @@ def _check_nothing_dropped(messages: list[dict], positions: list[list[tuple[int,
                                 "(e.g. system_prompt)", reason="dropped_message")
 
 
-def render_chat(template_source: str, messages: list[dict], bos_token: str = "<s>",
-                eos_token: str = "</s>", add_generation_prompt: bool = False,
+def render_chat(template_source: str, messages: list[dict], bos_token: str | None = "<s>",
+                eos_token: str | None = "</s>", add_generation_prompt: bool = False,
                 train_on: str = "all_assistant", **extra) -> RenderedChat:
     """Render like HF's apply_chat_template and return the character spans that carry loss."""
     if train_on not in TRAIN_ON:
@@ -281,13 +351,15 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str = "<s
     _check_nothing_dropped(messages, positions)
     if not trained:
         return RenderedChat(text, [])
-    marker = end_of_turn_marker(template_source, **variables)
+    markers = end_of_turn_markers(template_source, **variables)
     starts = sorted(start for found in positions for start, _ in found)
     spans = []
     for i in trained:
-        if not isinstance(messages[i].get("content"), str):
-            raise TemplateError(f"message {i} (assistant) has no text content (tool calls alone cannot be "
-                                "trained yet)", reason="dropped_message")
+        content = messages[i].get("content")
+        if not isinstance(content, str) or (messages[i].get("tool_calls") and not content.strip()):
+            raise TemplateError(f"message {i} (assistant) has no text content: tool calls alone cannot be "
+                                "trained yet (train_on: last_assistant trains only the final answer)",
+                                reason="dropped_message")
         if not positions[i]:
             raise TemplateError(f"message {i} (assistant) does not appear in the rendered text: the template "
                                 "drops or rewrites it, so it cannot be trained", reason="dropped_message")
@@ -295,7 +367,10 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str = "<s
             # The marker must lie in the template's text before the next content.
             k = bisect.bisect_left(starts, end + (start == end))
             limit = starts[k] if k < len(starts) else len(text)
+            marker = markers.middle if k < len(starts) else markers.final
             stop = _after_marker(text, end, marker, limit)
+            if stop is None and marker != markers.middle:  # a final answer closed as a middle one
+                stop = _after_marker(text, end, markers.middle, limit)  # (add_generation_prompt)
             if stop is None:
                 raise TemplateError(f"message {i} (assistant) is not followed by the end-of-turn marker "
                                     f"{marker!r}, so the model would not learn to stop there",

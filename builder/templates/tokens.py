@@ -51,9 +51,12 @@ def label_tokens(input_ids: list[int], offsets: list[tuple[int, int]],
     return np.where(inside, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
-def template_tokens(tokenizer) -> dict[str, str]:  # noqa: ANN001
-    """The special tokens transformers passes to a chat template (bos_token, eos_token, ...)."""
-    return {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+def template_tokens(tokenizer) -> dict[str, str | None]:  # noqa: ANN001
+    """The special tokens transformers passes to a chat template (bos_token, eos_token, ...).
+    bos_token and eos_token are always present: None where the tokenizer has none, so that
+    render_chat leaves them undefined as transformers does (rather than defaulting to `<s>`)."""
+    tokens = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+    return {"bos_token": None, "eos_token": None, **tokens}
 
 
 def check_bos(input_ids: list[int], bos_token_id: int | None) -> None:
