@@ -19,26 +19,21 @@ from builder.templates import builtin_name, end_of_turn_marker
 # writes it and llama.cpp does not add one itself (tokenizer.ggml.add_bos_token false); {EOS} by
 # the EOS text. A last assistant message is left open (Ollama continues it), as Ollama's own do.
 _LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
-OLLAMA_TEMPLATES: dict[str, str] = {
-    "chatml": """{{- range $i, $_ := .Messages }}
+_CHATML = """{{- range $i, $_ := .Messages }}
 %(last)s
 <|im_start|>{{ .Role }}
 {{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
 {{ end }}
 {{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
 {{ end }}
-{{- end }}""",
+{{- end }}"""
+OLLAMA_TEMPLATES: dict[str, str] = {
+    "chatml": _CHATML,
+    # Qwen2.5 is ChatML with a default system message where the conversation has none.
     "qwen2.5": """{{- if not .System }}<|im_start|>system
 You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
 {{ end }}
-{{- range $i, $_ := .Messages }}
-%(last)s
-<|im_start|>{{ .Role }}
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
-{{ end }}
-{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{{ end }}
-{{- end }}""",
+""" + _CHATML,
     "llama-3": """{BOS}
 {{- range $i, $_ := .Messages }}
 %(last)s
