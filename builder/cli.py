@@ -2,7 +2,7 @@
 
     tunefile validate [RECIPE...]        tunefile plan RECIPE
     tunefile build RECIPE [--until S]    tunefile stage STAGE RECIPE
-    tunefile preview RECIPE [-n N] [--tokens] [--html FILE]
+    tunefile preview RECIPE [-n N] [--tokens] [--html FILE]      tunefile stats RECIPE
     tunefile dvc [--check]               tunefile resolve        tunefile vendor
 """
 from __future__ import annotations
@@ -72,27 +72,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def build_recipe(project, recipe_name: str, until: str | None, out=sys.stdout) -> None:  # noqa: ANN001
     from builder.stages import is_built, recipe_lock, run_stage
 
-    project = _project()
-    recipe, plan = _stage_map(project, args.recipe)
-    target = args.until or list(plan)[-1]
+    recipe, plan = _stage_map(project, recipe_name)
+    target = until or list(plan)[-1]
     if target not in plan:
-        raise TunefileError(f"--until {target}: no such stage in {args.recipe}; stages: {', '.join(plan)}")
-    names = _needed(plan, target) if args.until else list(plan)
+        raise TunefileError(f"--until {target}: no such stage in {recipe_name}; stages: {', '.join(plan)}")
+    names = _needed(plan, target) if until else list(plan)
     with recipe_lock(project, recipe.name):
         for name in names:
             if is_built(project, plan[name]):
-                print(f"{args.recipe}/{name}: up to date")
+                print(f"{recipe_name}/{name}: up to date", file=out)
                 continue
-            _report(args.recipe, name, run_stage(project, recipe, plan[name], plan))
+            _report(recipe_name, name, run_stage(project, recipe, plan[name], plan), out)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    build_recipe(_project(), args.recipe, args.until)
     return 0
 
 
-def _report(recipe: str, stage: str, manifest: dict) -> None:
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from builder.report import format_stats_table
+
+    project = _project()
+    build_recipe(project, args.recipe, "dataset", out=sys.stderr)  # a no-op when the dataset is current
+    folder = project.stage_dir(args.recipe, "dataset")
+    stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    print(format_stats_table(stats, color=sys.stdout.isatty()), end="")
+    print(f"\nrejected rows: {folder / 'rejects.jsonl'}\nmixture picture: {folder / 'mixture.png'}")
+    return 0
+
+
+def _report(recipe: str, stage: str, manifest: dict, out=sys.stdout) -> None:  # noqa: ANN001
     how = "restored from the stage store" if manifest["restored_from_store"] else "built"
-    print(f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s")
+    print(f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s", file=out)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -170,6 +187,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("stats", help="mixture report: per source rows, rejects by reason, tokens, trained tokens")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_stats)
     p = sub.add_parser("preview", help="render the first examples with trained text highlighted")
     p.add_argument("recipe")
     p.add_argument("-n", type=int, default=3, help="examples to show, round-robin over sources (default 3)")

@@ -51,6 +51,7 @@ def render_dvc_yaml(project: Project, plans: dict[str, list[Stage]]) -> str:
                 "cmd": f"tunefile stage {stage.name} {recipe}", "deps": deps, "outs": [_rel(project, out)]}
             if stage.kind == "dataset":
                 metrics.append(_rel(project, out / "stats.json"))
+                plots.append(_rel(project, out / "mixture.png"))  # an image plot: `dvc plots show`
             elif stage.kind in ("train", "eval"):
                 metrics.append(_rel(project, out / "metrics.json"))
             if stage.kind == "train":

@@ -20,7 +20,7 @@ from builder.project import Project
 from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
 
-CODE_VERSIONS = {"base": 1, "dataset": 2, "train": 1, "merge": 1, "gguf": 1, "quantize": 1, "eval": 1}
+CODE_VERSIONS = {"base": 1, "dataset": 3, "train": 1, "merge": 1, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),
@@ -104,11 +104,14 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     stat = stat or StatCache(project.cache_dir / "stat-cache.json")
     root = project.root
     base = _stage(recipe, "base", [], recipe.slice("base"), {"model": _base_identity(recipe, root, stat)})
-    sources = {s.name: _files_of(s.path, root, stat) for s in recipe.sources}
+    # Inline rows are in the recipe slice; a hub source is pinned by the revision in its path.
+    sources = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {} for s in recipe.sources}
+    benchmarks = {p: stat.digest(root / p) for p in (recipe.decontaminate.files if recipe.decontaminate else ())}
     dataset = _stage(recipe, "dataset", [base],
-                     {**recipe.slice("template", "system_prompt", "sources", "mixture"),
+                     {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"),
                       "train": {k: recipe.train.model_dump(mode="json")[k] for k in ("train_on", "max_length")}},
-                     {"files": sources, "template": _template_identity(recipe, root, stat)})
+                     {"files": sources, "template": _template_identity(recipe, root, stat),
+                      **({"benchmarks": benchmarks} if benchmarks else {})})
     train = _stage(recipe, "train", [base, dataset], recipe.slice("train"), {})
     stages = [base, dataset, train]
     if recipe.export.merge:
@@ -163,6 +166,8 @@ def _describe(path: str, before: str, after: str) -> str:
         return f"stage code version {before} -> {after}"
     if head == "template":
         return "template changed"
+    if head == "benchmarks":
+        return f"decontamination file {rest} changed"
     if head == "model":
         return f"base model changed ({rest})"
     return f"{path} {before} -> {after}"

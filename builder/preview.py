@@ -21,7 +21,7 @@ from pathlib import Path
 from builder.errors import TunefileError
 from builder.project import Project
 from builder.recipe import Recipe
-from builder.records import Conversation, Message
+from builder.records import Conversation, with_system_prompt
 from builder.sources import read_source
 from builder.templates import TemplateError, end_of_turn_marker, read_template, render_chat, special_tokens
 from builder.templates.tokens import IGNORE_INDEX, template_tokens, tokenize_chat
@@ -47,15 +47,8 @@ def pick_conversations(recipe: Recipe, root: Path, n: int) -> list[Conversation]
     for i in range(max((len(p) for p in pools), default=0)):
         for pool in pools:
             if i < len(pool) and len(picked) < n:
-                picked.append(_with_system_prompt(pool[i], recipe.system_prompt))
+                picked.append(with_system_prompt(pool[i], recipe.system_prompt))
     return picked
-
-
-def _with_system_prompt(conversation: Conversation, prompt: str | None) -> Conversation:
-    if prompt is None or conversation.messages[0].role == "system":
-        return conversation
-    return Conversation((Message("system", prompt),) + conversation.messages, conversation.source,
-                        conversation.row, conversation.file)
 
 
 def load_tokenizer(project: Project, recipe: Recipe):  # noqa: ANN201

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -45,28 +46,102 @@ class BaseSpec(Strict):
         return value
 
 
+FORMAT_NAMES = ("alpaca", "sharegpt", "messages", "prompt_completion", "self_instruct", "preference")
+# The fields each format reads, by their canonical names; `fields:` maps them to other column names.
+FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output", "system"),
+    "sharegpt": ("conversations", "system"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion", "system"),
+    "self_instruct": ("instruction", "instances"),
+    "preference": ("prompt", "chosen", "rejected", "system"),
+}
+
+
 class SourceSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    path: str
-    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "self_instruct"]
+    path: Optional[str] = None      # a local file or glob, or hf:org/name@revision
+    examples: Optional[tuple[dict, ...]] = None  # inline rows in the source's format
+    format: Literal[FORMAT_NAMES]  # type: ignore[valid-type]
+    fields: dict[str, str] = {}     # canonical field name -> the column that holds it
+    split: Optional[str] = None     # hf: only (default train)
+    subset: Optional[str] = None    # hf: only (the dataset's config name)
     weight: float = Field(default=1.0, gt=0)
+    max_examples: Optional[int] = Field(default=None, gt=0)  # cap on usable examples (seeded pick)
+    epochs: Optional[float] = Field(default=None, gt=0)     # natural-size mixtures only: passes
+    eval_fraction: Optional[float] = Field(default=None, ge=0, lt=1)  # overrides mixture.eval_fraction
 
     @field_validator("path")
     @classmethod
-    def _check_path(cls, value: str) -> str:
+    def _check_path(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return value
         if value.startswith("hf:"):
-            raise ValueError("hub datasets (hf:...) are not supported yet; use a local "
-                             f"{'/'.join(SOURCE_SUFFIXES)} file or glob")
+            repo, _, revision = value[3:].partition("@")
+            if not repo or "/" not in repo or not revision:
+                raise ValueError(f"'{value}' must be hf:org/name@revision (the revision pins the exact "
+                                 "data, e.g. a commit hash)")
+            return value
         if not glob.has_magic(value) and not value.endswith(SOURCE_SUFFIXES):
             raise ValueError(f"'{value}' has an unknown suffix; allowed: {', '.join(SOURCE_SUFFIXES)}")
         return value
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "SourceSpec":
+        if (self.path is None) == (self.examples is None):
+            raise ValueError(f"source '{self.name}' needs exactly one of path (a file, glob or hf:...) "
+                             "and examples (inline rows)")
+        if not self.is_hub and (self.split is not None or self.subset is not None):
+            raise ValueError("split and subset apply to hub datasets (path: hf:org/name@revision) only")
+        unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ValueError(f"fields {unknown} are not read by format {self.format}; "
+                             f"allowed: {', '.join(FORMAT_FIELDS[self.format])}")
+        return self
+
+    @property
+    def is_hub(self) -> bool:
+        return self.path is not None and self.path.startswith("hf:")
+
+
+class FiltersSpec(Strict):
+    """Quality filters; each rejects with its own name as the reason. Characters count the
+    contents of user and assistant messages (system excluded); tokens count the rendered example."""
+    min_chars: Optional[int] = Field(default=None, ge=0)        # per example
+    max_chars: Optional[int] = Field(default=None, gt=0)        # per example
+    min_turn_chars: Optional[int] = Field(default=None, ge=0)   # each user/assistant message
+    max_turn_chars: Optional[int] = Field(default=None, gt=0)   # each user/assistant message
+    min_response_chars: Optional[int] = Field(default=None, ge=0)  # each assistant message
+    max_turns: Optional[int] = Field(default=None, gt=0)        # user + assistant messages
+    min_tokens: Optional[int] = Field(default=None, gt=0)       # rendered example (max: train.max_length)
+    deny_patterns: tuple[str, ...] = ()                         # regexes; a match in any message rejects
+
+    @field_validator("deny_patterns")
+    @classmethod
+    def _check_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"deny pattern {pattern!r} is not a valid regex ({exc})") from None
+        return value
+
+
+class DecontaminateSpec(Strict):
+    """Drop training examples sharing an n-gram of words with an eval example or a benchmark file."""
+    ngram: int = Field(default=13, ge=3)
+    against_eval: bool = True
+    files: tuple[str, ...] = ()  # .jsonl/.json (every string value), .txt (one prompt per line)
 
 
 class MixtureSpec(Strict):
     size: Optional[int] = Field(default=None, gt=0)
     seed: int = 0
-    dedup: Literal["none", "exact"] = "exact"
+    dedup: Literal["none", "exact", "near"] = "exact"
+    near_threshold: float = Field(default=0.8, gt=0, le=1)  # Jaccard similarity of word 5-grams
     eval_fraction: float = Field(default=0.05, ge=0, lt=1)
+    eval_size: Optional[int] = Field(default=None, ge=0)   # instead of eval_fraction: this many
+    max_reject_rate: float = Field(default=0.05, ge=0, le=1)  # per source, malformed rows only
 
 
 class LoraSpec(Strict):
@@ -123,6 +198,8 @@ class Recipe(Strict):
     system_prompt: Optional[str] = None
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
     mixture: MixtureSpec = MixtureSpec()
+    filters: FiltersSpec = FiltersSpec()
+    decontaminate: Optional[DecontaminateSpec] = None
     train: TrainSpec = TrainSpec()
     export: ExportSpec = ExportSpec()
 
@@ -139,6 +216,12 @@ class Recipe(Strict):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names repeat: {names}")
+        if self.mixture.size is not None and any(s.epochs is not None for s in self.sources):
+            raise ValueError("sources[].epochs sets passes over a source when mixture.size is omitted; "
+                             "with mixture.size, weights decide each source's share")
+        if self.mixture.eval_size is not None and any(s.eval_fraction is not None for s in self.sources):
+            raise ValueError("mixture.eval_size picks the eval split over all sources; drop "
+                             "sources[].eval_fraction or use mixture.eval_fraction")
         return self
 
     def slice(self, *keys: str) -> dict:
@@ -183,13 +266,16 @@ def _check_files(doc: YamlDoc, recipe: Recipe, root: Path) -> list[str]:
     """Problems with files the recipe names (checked before any slow work starts)."""
     problems = []
     for i, source in enumerate(recipe.sources):
-        if not glob.glob(str(root / source.path)):
+        if source.path is not None and not source.is_hub and not glob.glob(str(root / source.path)):
             problems.append(f"{doc.where(('sources', i, 'path'))}: source '{source.name}': "
                             f"no file matches '{source.path}' (relative to {root})")
     model = recipe.base.model
     if not model.startswith(("builtin:", "hf:")) and not (root / model / "config.json").is_file():
         problems.append(f"{doc.where(('base', 'model'))}: base.model '{model}' is not an HF model "
                         "folder (no config.json); use builtin:NAME, a folder, or hf:org/name@revision")
+    for i, path in enumerate(recipe.decontaminate.files if recipe.decontaminate else ()):
+        if not (root / path).is_file():
+            problems.append(f"{doc.where(('decontaminate', 'files', i))}: benchmark file '{path}' not found")
     if recipe.template.endswith((".jinja", ".j2")) and not (root / recipe.template).is_file():
         problems.append(f"{doc.where(('template',))}: template file '{recipe.template}' not found")
     return problems

@@ -1,9 +1,10 @@
 """The one canonical form every source becomes: a Conversation of role/content Messages."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ROLES = ("system", "user", "assistant")
+REJECTED = "rejected"  # a last pseudo-message carrying a preference pair's rejected answer
 
 
 class RowError(ValueError):
@@ -27,6 +28,7 @@ class Conversation:
     source: str
     row: int  # 1-based row (line for .jsonl) in the source file, for rejects and provenance
     file: str = ""  # the file (relative to the project root) the row came from
+    rejected: str | None = None  # a preference pair's rejected answer (the messages end with the chosen)
 
     def to_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
@@ -34,6 +36,9 @@ class Conversation:
 
 def make_conversation(messages: list[tuple[str, object]], source: str, row: int, file: str = "") -> Conversation:
     """Check roles and contents and build a Conversation; raise RowError with the reason."""
+    rejected = None
+    if messages and messages[-1][0] == REJECTED:
+        rejected, messages = messages[-1][1], messages[:-1]
     checked = []
     for i, (role, content) in enumerate(messages):
         if role not in ROLES:
@@ -52,4 +57,11 @@ def make_conversation(messages: list[tuple[str, object]], source: str, row: int,
         raise RowError("no_final_answer", "the conversation ends with a user turn")
     if any(not m.content.strip() for m in body if m.role == "assistant"):
         raise RowError("empty_response", "an assistant message is empty")
-    return Conversation(tuple(checked), source, row, file)
+    return Conversation(tuple(checked), source, row, file, rejected)
+
+
+def with_system_prompt(conversation: Conversation, prompt: str | None) -> Conversation:
+    """The conversation with `prompt` as its first message, unless it has a system message already."""
+    if prompt is None or conversation.messages[0].role == "system":
+        return conversation
+    return replace(conversation, messages=(Message("system", prompt),) + conversation.messages)

@@ -55,6 +55,8 @@ def _watched_paths(root: Path, project, plans: dict, digested: set[str]) -> set[
         recipe = project.load_recipe(name)
         paths.add(str(project.recipe_path(name).resolve()))
         for source in recipe.sources:
+            if source.path is None or source.is_hub:  # inline rows live in the recipe; hub data is pinned
+                continue
             # A new file matching the glob changes the folder's mtime.
             fixed = [part for part in Path(source.path).parent.parts if not glob.has_magic(part)]
             paths.add(str(root.joinpath(*fixed).resolve()))

@@ -1,18 +1,23 @@
-"""Read a source's files (.jsonl .json .csv .parquet, or a glob over them) into conversations.
+"""Read a source into conversations: local files (.jsonl .json .csv .parquet, or a glob over them),
+inline `examples:` rows, or a hub dataset pinned by revision (`hf:org/name@revision`).
 
 Bad rows are not errors here: they come back as Reject records with a reason, to be counted.
+`fields:` renames columns to the names the format reads before the row is adapted.
 """
 from __future__ import annotations
 
 import csv
 import glob
 import json
+import os
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from builder.errors import DataError
-from builder.formats import FORMATS
+from builder.formats import FORMATS, apply_fields
 from builder.recipe import SourceSpec
 from builder.records import Conversation, RowError, make_conversation
 
@@ -69,27 +74,83 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[Reject]]:
-    """Every file the source names, in sorted order -> (conversations, rejects)."""
+INLINE_FILE = "(inline)"  # the `file` of inline rows in rejects and parquet provenance
+HUB_TIMEOUT_S = 5.0
+
+
+def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_rows(spec: SourceSpec) -> Iterator[tuple[int, object]]:
+    """Rows of a hub dataset at exactly the pinned revision: from the local HF cache when it is
+    there, else downloaded (a clear error, within seconds, when the hub cannot be reached)."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = spec.path[3:].partition("@")
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 (not cached: any failure means "download it")
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            raise DataError(f"source '{spec.name}': {repo}@{revision} is not in the local Hugging Face cache "
+                            "and the hub cannot be reached; run once with network access, or download "
+                            "the files and point path: at them") from None
+        try:
+            folder = snapshot_download(repo, repo_type="dataset", revision=revision)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"source '{spec.name}': cannot download {repo}@{revision}: {exc}") from None
+    import datasets
+
+    try:
+        data = datasets.load_dataset(folder, name=spec.subset, split=spec.split or "train")
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"source '{spec.name}': cannot read {repo}@{revision} (subset {spec.subset}, "
+                        f"split {spec.split or 'train'}): {exc}") from None
+    yield from enumerate(data, start=1)
+
+
+def _row_groups(spec: SourceSpec, root: Path) -> Iterator[tuple[str, Iterator[tuple[int, object]]]]:
+    """(file name for provenance, numbered rows) per file, inline block or hub dataset."""
+    if spec.examples is not None:
+        yield INLINE_FILE, enumerate(spec.examples, start=1)
+        return
+    if spec.is_hub:
+        yield spec.path, _hub_rows(spec)
+        return
     files = sorted(glob.glob(str(root / spec.path)))
     if not files:
         raise DataError(f"source '{spec.name}': no file matches '{spec.path}'")
-    adapt = FORMATS[spec.format]
-    conversations: list[Conversation] = []
-    rejects: list[Reject] = []
     for file in files:
         rel = Path(file).relative_to(root).as_posix()
         if Path(file).suffix not in READERS:
             raise DataError(f"source '{spec.name}': {rel} matches '{spec.path}' but is not one of "
                             f"{', '.join(READERS)}")
-        for number, row in READERS[Path(file).suffix](Path(file)):
+        yield rel, READERS[Path(file).suffix](Path(file))
+
+
+def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[Reject], int]:
+    """The source's rows -> (conversations, rejects, rows read)."""
+    adapt = FORMATS[spec.format]
+    conversations: list[Conversation] = []
+    rejects: list[Reject] = []
+    rows = 0
+    for rel, numbered in _row_groups(spec, root):
+        for number, row in numbered:
+            rows += 1
             try:
                 if isinstance(row, RowError):
                     raise row
                 if not isinstance(row, dict):
                     raise RowError("bad_type", f"row is {type(row).__name__}, expected an object")
                 # All of a row's conversations or none (self_instruct rows hold several).
-                conversations.extend([make_conversation(t, spec.name, number, rel) for t in adapt(row)])
+                turns = adapt(apply_fields(row, spec.fields))
+                conversations.extend([make_conversation(t, spec.name, number, rel) for t in turns])
             except RowError as exc:
-                rejects.append(Reject(spec.name, rel, number, exc.reason, exc.detail))
-    return conversations, rejects
+                detail = exc.detail + (f" (fields: {spec.fields})" if spec.fields and exc.reason == "missing_field" else "")
+                rejects.append(Reject(spec.name, rel, number, exc.reason, detail))
+    return conversations, rejects, rows

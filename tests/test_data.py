@@ -11,9 +11,10 @@ from builder.recipe import SourceSpec
 from builder.sources import read_source
 
 
-def read(tmp_path, name: str, content: str, fmt: str):
+def read(tmp_path, name: str, content: str, fmt: str, **spec):
     (tmp_path / name).write_text(content)
-    return read_source(SourceSpec(name="s", path=name, format=fmt), tmp_path)
+    conversations, rejects, _ = read_source(SourceSpec(name="s", path=name, format=fmt, **spec), tmp_path)
+    return conversations, rejects
 
 
 def turns(conversation) -> list[tuple[str, str]]:
@@ -63,7 +64,8 @@ def test_json_object_of_arrays_and_glob(tmp_path):
     (tmp_path / "d" / "1.json").write_text(json.dumps({"b": [{"prompt": "p2", "completion": "c2"}],
                                                        "a": [{"prompt": "p1", "completion": "c1"}]}))
     (tmp_path / "d" / "2.jsonl").write_text(json.dumps({"prompt": "p3", "completion": "c3"}))
-    conversations, _ = read_source(SourceSpec(name="s", path="d/*.json*", format="prompt_completion"), tmp_path)
+    conversations, _, rows = read_source(SourceSpec(name="s", path="d/*.json*", format="prompt_completion"), tmp_path)
+    assert rows == 3
     assert [c.messages[0].content for c in conversations] == ["p1", "p2", "p3"]
 
 

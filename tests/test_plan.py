@@ -156,12 +156,12 @@ def test_golden_keys(tmp_path, monkeypatch):
     keys = {s.name: s.key for s in plan_stages(project.load_recipe("golden"), project)}
     assert keys == {
         "base": "94fc260c1bfdf3bda9ff6fab109cd9f6",
-        "dataset": "6e11bc45de02fac439215fe8365fbc96",
-        "train": "cc72e724e685420ac6a22d9c06c9f3e0",
-        "merge": "64ffda5624cd9a9a7c9d4edb82f033b4",
-        "gguf": "56477a748b307d14086552a235dbdb93",
-        "quantize@q8_0": "ee73e087e5b37d2df346dc70bb4c1ba1",
-        "eval@q8_0": "f95234c6f50ea7e52ded9b9855d4d3d4",
+        "dataset": "3760b933c6c0c7f213399d9646e720d0",
+        "train": "2daabb32309246425ceaea95af75012b",
+        "merge": "e57c477079f44cd41df496d3b3e14879",
+        "gguf": "907b3af2ca6575b0cc67d77794498d67",
+        "quantize@q8_0": "60f924c97925816bc1d2339a6a3dcaa4",
+        "eval@q8_0": "6b87dc7e7e9f384438c2bc546937c6bb",
     }
 
 

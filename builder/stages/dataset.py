@@ -1,13 +1,14 @@
-"""dataset stage: sources -> conversations -> chat template -> tokens + labels -> dedup -> mixture.
+"""dataset stage: sources -> conversations -> filters -> chat template -> tokens + labels -> dedup
+-> eval split -> decontamination -> mixture.
 
-Writes train.parquet, eval.parquet (messages, text, input_ids, labels with -100 on untrained
-tokens, source, file, row), rejects.jsonl (one line per dropped row, with the reason) and
-stats.json.
+Writes train.parquet, eval.parquet (see builder/examples.py for the columns), rejects.jsonl (one
+line per dropped row: source, file, row, reason, detail), stats.json (per source counts, as DVC
+metrics) and mixture.png (the mixture's composition and length histogram).
 
-Reading, rendering and tokenizing happen per source into a shard kept in the store under a key
-of exactly what the shard depends on (the source's files and format, template, tokenizer,
-train_on, max_length, system prompt). Editing one source re-tokenizes only that source; a new
-weight, size or seed re-samples from cached shards without loading the tokenizer at all.
+Reading, filtering, rendering and tokenizing happen per source into a shard kept in the store under
+a key of exactly what the shard depends on (the source's rows and format, filters, template,
+tokenizer, train_on, max_length, system prompt). Editing one source re-tokenizes only that
+source; a new weight, size or seed re-samples from cached shards without loading the tokenizer.
 """
 from __future__ import annotations
 
@@ -21,110 +22,34 @@ from pathlib import Path
 
 from builder.cache import StageStore
 from builder.errors import DataError
+from builder.examples import (conversation_text, examples_table, token_counts, tokenize_examples,
+                              write_split)
+from builder.filters import check_conversation, check_tokens
 from builder.hashing import hash_text, hash_value
 from builder.mixture import allocate_counts, is_eval_example, sample_examples
-from builder.recipe import SourceSpec
-from builder.records import Conversation, Message
+from builder.recipe import Recipe, SourceSpec
+from builder.report import write_mixture_png
 from builder.sources import Reject, read_source
 from builder.stages import StageContext
 from builder.templates import TemplateError, read_template, special_tokens
 from builder.templates.checks import check_template
-from builder.templates.tokens import IGNORE_INDEX, tokenize_chats
 
-SHARD_VERSION = 2  # bump when a shard's content changes for the same inputs
-
-
-@dataclass(frozen=True)
-class Example:
-    conversation: Conversation
-    digest: str  # of the normalised conversation as the source gave it: the dedup and split key
-    text: str
-    input_ids: list[int]
-    labels: list[int]
+SHARD_VERSION = 3  # bump when a shard's content changes for the same inputs
+# Deliberate drops: they never count toward a source's reject rate (mixture.max_reject_rate).
+DELIBERATE = {"duplicate", "near_duplicate", "decontaminated", "too_long", "min_tokens", "min_chars",
+              "max_chars", "min_turn_chars", "max_turn_chars", "min_response_chars", "max_turns",
+              "deny_patterns"}
+DEDUPLICATED = {"duplicate", "near_duplicate"}
+HISTOGRAM_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 @dataclass(frozen=True)
 class Shard:
     table: object  # pyarrow.Table of examples_table's schema
     rejects: list[Reject]
-    conversations: int  # conversations read, before any reject of rendering or tokenizing
+    conversations: int  # conversations read, before any filter or reject of rendering or tokenizing
+    rows: int  # rows read (conversations + malformed rows)
     cached: bool
-
-
-def conversation_digest(conversation: Conversation) -> str:
-    """Hash of the normalised conversation (roles + stripped contents)."""
-    return hash_value([[m.role, m.content.strip()] for m in conversation.messages])
-
-
-def with_system_prompt(conversation: Conversation, prompt: str | None) -> Conversation:
-    if prompt is None or conversation.messages[0].role == "system":
-        return conversation
-    messages = (Message("system", prompt),) + conversation.messages
-    return Conversation(messages, conversation.source, conversation.row, conversation.file)
-
-
-def tokenize_examples(conversations: list[Conversation], template: str, tokenizer, train_on: str,
-                      max_length: int, system_prompt: str | None = None) -> tuple[list[Example], list[Reject]]:
-    """Render, tokenize and label (ids and labels built together by tokenize_chats); return the
-    examples and the rejects, each with the template's countable reason."""
-    finals = [with_system_prompt(conv, system_prompt) for conv in conversations]
-    results = tokenize_chats(template, [final.to_dicts() for final in finals], tokenizer, train_on=train_on)
-    examples, rejects = [], []
-    for conv, final, result in zip(conversations, finals, results):
-        if isinstance(result, TemplateError):
-            rejects.append(Reject(conv.source, conv.file, conv.row, result.reason, str(result)))
-        elif len(result.input_ids) > max_length:
-            rejects.append(Reject(conv.source, conv.file, conv.row, "too_long",
-                                  f"{len(result.input_ids)} tokens > max_length {max_length}"))
-        else:
-            examples.append(Example(final, conversation_digest(conv), result.text, result.input_ids, result.labels))
-    return examples, rejects
-
-
-def examples_schema(with_digest: bool = True):
-    import pyarrow as pa
-
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    fields = [("source", pa.string()), ("file", pa.string()), ("row", pa.int64()),
-              ("messages", pa.list_(message)), ("text", pa.string()),
-              ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
-    return pa.schema(fields + [("digest", pa.string())] * with_digest)
-
-
-def examples_table(examples: list[Example]):
-    """Examples as an Arrow table (the shard format; `digest` is dropped from the stage's outputs)."""
-    import pyarrow as pa
-
-    return pa.Table.from_pydict({
-        "source": [e.conversation.source for e in examples],
-        "file": [e.conversation.file for e in examples],
-        "row": [e.conversation.row for e in examples],
-        "messages": [e.conversation.to_dicts() for e in examples],
-        "text": [e.text for e in examples],
-        "input_ids": [e.input_ids for e in examples],
-        "labels": [e.labels for e in examples],
-        "digest": [e.digest for e in examples],
-    }, schema=examples_schema())
-
-
-def write_split(path: Path, table) -> None:
-    import pyarrow.parquet as pq
-
-    # One schema for tables built here and tables read back from a shard (parquet renames list
-    # items to "element"): the same rows must give the same bytes either way.
-    table = table.drop_columns(["digest"]).cast(examples_schema(with_digest=False)).combine_chunks()
-    pq.write_table(table, path, compression="zstd")
-
-
-def token_counts(table) -> tuple[list[int], list[int]]:
-    """Per row: number of tokens, and number of trained tokens (labels != -100)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    labels = table.column("labels").combine_chunks()
-    trained = np.bincount(pc.list_parent_indices(labels).to_numpy(),
-                          weights=(pc.list_flatten(labels).to_numpy() != IGNORE_INDEX), minlength=len(table))
-    return pc.list_value_length(labels).to_numpy().tolist(), trained.astype(int).tolist()
 
 
 def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
@@ -132,10 +57,11 @@ def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
     recipe = ctx.recipe
     return hash_value({
         "version": SHARD_VERSION,
-        "source": spec.model_dump(mode="json", exclude={"weight"}),
+        "source": spec.model_dump(mode="json", exclude={"weight", "max_examples", "epochs", "eval_fraction"}),
         "files": ctx.stage.inputs["files"][spec.name],
         "template": hash_text(template),
         "tokenizer": ctx.plan["base"].key,
+        "filters": recipe.filters.model_dump(mode="json"),
         "train_on": recipe.train.train_on,
         "max_length": recipe.train.max_length,
         "system_prompt": recipe.system_prompt,
@@ -143,9 +69,33 @@ def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
     })
 
 
+def build_shard(spec: SourceSpec, recipe: Recipe, root: Path, template: str, tokenizer):  # noqa: ANN001, ANN201
+    """Read, filter, render and tokenize one source: (examples table, rejects, conversations, rows)."""
+    conversations, rejects, rows = read_source(spec, root)
+    kept = []
+    for conv in conversations:
+        rejection = check_conversation(conv, recipe.filters)
+        if rejection is None:
+            kept.append(conv)
+        else:
+            rejects.append(Reject(conv.source, conv.file, conv.row, *rejection))
+    examples, bad = tokenize_examples(kept, template, tokenizer() if kept else None, recipe.train.train_on,
+                                      recipe.train.max_length, recipe.system_prompt)
+    rejects += bad
+    final = []
+    for example in examples:
+        rejection = check_tokens(len(example.input_ids), recipe.filters)
+        if rejection is None:
+            final.append(example)
+        else:
+            conv = example.conversation
+            rejects.append(Reject(conv.source, conv.file, conv.row, *rejection))
+    return examples_table(final), rejects, len(conversations), rows
+
+
 def load_shard(ctx: StageContext, spec: SourceSpec, template: str, tokenizer, store: StageStore) -> Shard:
     """The source's examples (an Arrow table) and rejects: from the store if this exact shard was
-    built before, else read, rendered and tokenized now and stored."""
+    built before, else built now and stored."""
     import pyarrow.parquet as pq
 
     key = shard_key(ctx, spec, template)
@@ -154,27 +104,122 @@ def load_shard(ctx: StageContext, spec: SourceSpec, template: str, tokenizer, st
         if store.get(key, folder):
             meta = json.loads((folder / "meta.json").read_text())
             rejects = [Reject(**json.loads(line)) for line in (folder / "rejects.jsonl").read_text().splitlines()]
-            return Shard(pq.read_table(folder / "examples.parquet"), rejects, meta["conversations"], cached=True)
-        conversations, rejects = read_source(spec, ctx.project.root)
-        recipe = ctx.recipe
-        examples, bad = tokenize_examples(conversations, template, tokenizer(), recipe.train.train_on,
-                                          recipe.train.max_length, recipe.system_prompt)
-        rejects = rejects + bad
-        table = examples_table(examples)
+            return Shard(pq.read_table(folder / "examples.parquet"), rejects, meta["conversations"], meta["rows"],
+                         cached=True)
+        table, rejects, conversations, rows = build_shard(spec, ctx.recipe, ctx.project.root, template, tokenizer)
         pq.write_table(table, folder / "examples.parquet", compression="zstd")
         (folder / "rejects.jsonl").write_text("".join(
             json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in rejects))
-        (folder / "meta.json").write_text(json.dumps({"conversations": len(conversations)}))
+        (folder / "meta.json").write_text(json.dumps({"conversations": conversations, "rows": rows}))
         store.put(key, folder)
-        return Shard(table, rejects, len(conversations), cached=False)
+        return Shard(table, rejects, conversations, rows, cached=False)
+
+
+def check_reject_rate(spec: SourceSpec, shard: Shard, limit: float) -> int:
+    """The number of malformed rows (rejects that are not deliberate drops); raise DataError when
+    their share of the rows read passes the recipe's limit, showing the first reasons."""
+    malformed = [r for r in shard.rejects if r.reason not in DELIBERATE]
+    if shard.rows and len(malformed) / shard.rows > limit:
+        first = "; ".join(f"{r.file} row {r.row}: {r.reason} ({r.detail})" for r in malformed[:5])
+        raise DataError(f"source '{spec.name}': {len(malformed)} of {shard.rows} rows are malformed "
+                        f"({len(malformed) / shard.rows:.1%} > mixture.max_reject_rate {limit:.1%}); "
+                        f"first: {first}. Fix the rows, map columns with fields:, or raise the limit")
+    return len(malformed)
+
+
+class Deduplicator:
+    """Across sources, in source order: the first occurrence wins (exact: the normalised
+    conversation's digest; near: MinHash/LSH over word 5-grams, confirmed by exact Jaccard)."""
+
+    def __init__(self, mode: str, threshold: float, seed: int):
+        self.mode, self.seen, self.near = mode, {}, None
+        if mode == "near":
+            from builder.dedup import NearDuplicateIndex
+
+            self.near = NearDuplicateIndex(threshold=threshold, seed=seed)
+        self.count = 0
+
+    def check(self, digest: str, messages: list[dict] | None, where: str) -> tuple[str, str] | None:
+        if self.mode == "none":
+            return None
+        if digest in self.seen:
+            return "duplicate", f"same as {self.seen[digest]}"
+        self.seen[digest] = where
+        if self.near is not None:
+            self.count += 1
+            twin = self.near.add(self.count, conversation_text(messages))
+            if twin is not None:
+                return "near_duplicate", f"near-duplicate of an earlier example (#{twin} in source order)"
+        return None
+
+
+def pick_eval(recipe: Recipe, digests: dict[str, list[str]], kept: dict[str, list[int]]) -> dict[str, set[int]]:
+    """Eval rows per source, chosen by each example's own hash (stable when other rows change):
+    below the source's (or the mixture's) eval_fraction, or the eval_size smallest hashes overall."""
+    if recipe.mixture.eval_size is not None:
+        ranked = sorted((int(digests[s][i][:16], 16), s, i) for s in kept for i in kept[s])
+        chosen: dict[str, set[int]] = {s: set() for s in kept}
+        for _, source, i in ranked[:recipe.mixture.eval_size]:
+            chosen[source].add(i)
+        return chosen
+    fractions = {s.name: s.eval_fraction if s.eval_fraction is not None else recipe.mixture.eval_fraction
+                 for s in recipe.sources}
+    return {s: {i for i in kept[s] if is_eval_example(digests[s][i], fractions[s])} for s in kept}
+
+
+def decontaminate(recipe: Recipe, root: Path, tables: dict, eval_rows: dict[str, set[int]],
+                  pools: dict[str, list[int]]) -> dict[str, list[tuple[int, str]]]:
+    """Train rows sharing a word n-gram with an eval example or a benchmark file: {source: [(row, n-gram)]}."""
+    from builder.dedup import NgramIndex, read_benchmark_texts
+
+    spec = recipe.decontaminate
+    index = NgramIndex(spec.ngram)
+    for path in spec.files:
+        for text in read_benchmark_texts(root / path):
+            index.add(text)
+    if spec.against_eval:
+        for source, rows in eval_rows.items():
+            messages = tables[source].column("messages")
+            for i in sorted(rows):
+                index.add(conversation_text(messages[i].as_py()))
+    hits: dict[str, list[tuple[int, str]]] = {}
+    for source, pool in pools.items():
+        messages = tables[source].column("messages")
+        for i in pool:
+            overlap = index.first_overlap(conversation_text(messages[i].as_py()))
+            if overlap is not None:
+                hits.setdefault(source, []).append((i, overlap))
+    return hits
+
+
+def length_histogram(tables: dict) -> dict:
+    """Token lengths of the train examples per source, in fixed bins (the report's histogram)."""
+    import numpy as np
+
+    longest = max([max(token_counts(t)[0], default=0) for t in tables.values()] + [1])
+    edges = [e for e in HISTOGRAM_EDGES if e < longest] + [next((e for e in HISTOGRAM_EDGES if e >= longest), longest)]
+    counts = {s: np.histogram(token_counts(t)[0], bins=edges)[0].astype(int).tolist() for s, t in tables.items()}
+    return {"edges": edges, "counts": counts}
+
+
+def _take(table, indices: list[int]):  # noqa: ANN001, ANN202
+    import pyarrow as pa
+
+    return table.take(pa.array(indices, type=pa.int64()))  # typed: an empty list has no type of its own
+
+
+def _row_of(table, i: int) -> tuple[str, int]:
+    row = table.slice(i, 1).select(["file", "row"]).to_pylist()[0]
+    return row["file"], row["row"]
 
 
 def run(ctx: StageContext) -> dict:
     import pyarrow as pa
 
     recipe = ctx.recipe
+    root = ctx.project.root
     base_dir = ctx.input_dir("base")
-    template = read_template(recipe.template, ctx.project.root, base_dir)
+    template = read_template(recipe.template, root, base_dir)
     # A template that cannot train (no end-of-turn marker, drops a role, not prefix-stable, marks
     # nothing) fails here, before any source is read, rather than as a dataset of rejects.
     try:
@@ -192,63 +237,86 @@ def run(ctx: StageContext) -> dict:
     # Rows are handled as indices into each shard's Arrow table; only the rows that make the
     # mixture are ever copied, so re-mixing large cached sources stays cheap.
     store = StageStore(ctx.project.cache_dir, "shards")
+    mixture = recipe.mixture
+    dedup = Deduplicator(mixture.dedup, mixture.near_threshold, mixture.seed)
     stats: dict[str, dict] = {}
-    rejects: list[Reject] = []
-    seen: set[str] = set()
-    tables, pools, held_out, shards = {}, {}, {}, {}
+    rejects: dict[str, list[Reject]] = {}
+    tables, digests, kept, shards = {}, {}, {}, {}
     for spec in recipe.sources:
         shard = load_shard(ctx, spec, template, tokenizer, store)
         shards[spec.name] = "cached" if shard.cached else "built"
-        tables[spec.name] = shard.table
-        source_rejects = list(shard.rejects)
-        digests = shard.table.column("digest").to_pylist()
-        kept = []
-        for i, digest in enumerate(digests):
-            # Exact dedup across sources: the first occurrence in source order wins.
-            if recipe.mixture.dedup == "exact" and digest in seen:
-                row = shard.table.slice(i, 1).select(["file", "row"]).to_pylist()[0]
-                source_rejects.append(Reject(spec.name, row["file"], row["row"], "duplicate", "seen earlier"))
-                continue
-            seen.add(digest)
-            kept.append(i)
-        if not kept:
+        malformed = check_reject_rate(spec, shard, mixture.max_reject_rate)
+        table = tables[spec.name] = shard.table
+        digests[spec.name] = table.column("digest").to_pylist()
+        messages = table.column("messages").to_pylist() if mixture.dedup == "near" else None
+        files, numbers = table.column("file").to_pylist(), table.column("row").to_pylist()
+        source_rejects, rows = list(shard.rejects), []
+        for i, digest in enumerate(digests[spec.name]):
+            where = f"{spec.name} {files[i]} row {numbers[i]}"
+            drop = dedup.check(digest, messages[i] if messages else None, where)
+            if drop is None:
+                rows.append(i)
+            else:
+                source_rejects.append(Reject(spec.name, files[i], numbers[i], *drop))
+        if not rows:
             first = "; ".join(f"row {r.row}: {r.reason} ({r.detail})" for r in source_rejects[:3])
             raise DataError(f"source '{spec.name}' has no usable example: {first}")
-        held_out[spec.name] = [i for i in kept if is_eval_example(digests[i], recipe.mixture.eval_fraction)]
-        pools[spec.name] = [i for i in kept if not is_eval_example(digests[i], recipe.mixture.eval_fraction)]
-        rejects += source_rejects
-        reasons = Counter(r.reason for r in source_rejects)
-        stats[spec.name] = {"conversations": shard.conversations, "rejected": dict(sorted(reasons.items())),
-                            "usable": len(kept), "eval": len(held_out[spec.name]),
-                            "train_pool": len(pools[spec.name])}
+        kept[spec.name], rejects[spec.name] = rows, source_rejects
+        stats[spec.name] = {"rows": shard.rows, "conversations": shard.conversations, "malformed": malformed,
+                            "usable": len(rows)}
 
-    weights = [s.weight for s in recipe.sources]
-    size = recipe.mixture.size
-    counts = (allocate_counts(weights, size) if size is not None
-              else [len(pools[s.name]) for s in recipe.sources])
-    train_parts, eval_parts = [], []
+    eval_rows = pick_eval(recipe, digests, kept)
+    pools = {s: [i for i in kept[s] if i not in eval_rows[s]] for s in kept}
+    if recipe.decontaminate is not None:
+        for source, hits in decontaminate(recipe, root, tables, eval_rows, pools).items():
+            dropped = {i for i, _ in hits}
+            pools[source] = [i for i in pools[source] if i not in dropped]
+            for i, ngram in hits:
+                rejects[source].append(Reject(source, *_row_of(tables[source], i), "decontaminated",
+                                              f"shares the {recipe.decontaminate.ngram}-gram {ngram!r}"))
+    for spec in recipe.sources:
+        if spec.max_examples is not None and len(pools[spec.name]) > spec.max_examples:
+            rng = random.Random(f"{mixture.seed}:{spec.name}:max_examples")
+            pools[spec.name] = sorted(rng.sample(pools[spec.name], spec.max_examples))
+
+    counts = (allocate_counts([s.weight for s in recipe.sources], mixture.size) if mixture.size is not None
+              else [round(len(pools[s.name]) * (s.epochs or 1)) for s in recipe.sources])
+    train_parts, eval_parts, sampled = [], [], {}
     for spec, count in zip(recipe.sources, counts):
+        if count and not pools[spec.name]:
+            raise DataError(f"source '{spec.name}' has no training example left after the eval split and "
+                            "decontamination, but the mixture asks for {count}")
         # One RNG per source: editing one source does not reshuffle another's sample.
-        picked = sample_examples(pools[spec.name], count, random.Random(f"{recipe.mixture.seed}:{spec.name}"))
-        part = tables[spec.name].take(picked)
+        picked = sample_examples(pools[spec.name], count, random.Random(f"{mixture.seed}:{spec.name}"))
+        part = sampled[spec.name] = _take(tables[spec.name], picked)
         tokens, trained = token_counts(part)
-        stats[spec.name].update(sampled=len(picked), tokens=sum(tokens), trained_tokens=sum(trained))
+        reasons = Counter(r.reason for r in rejects[spec.name])
+        stats[spec.name].update(
+            rejected=dict(sorted(reasons.items())), eval=len(eval_rows[spec.name]),
+            deduplicated=sum(n for r, n in reasons.items() if r in DEDUPLICATED),
+            filtered=sum(n for r, n in reasons.items() if r in DELIBERATE - DEDUPLICATED),
+            train_pool=len(pools[spec.name]), sampled=len(picked), tokens=sum(tokens), trained_tokens=sum(trained),
+            mean_tokens=round(sum(tokens) / len(tokens), 1) if tokens else 0.0, max_tokens=max(tokens, default=0))
         train_parts.append(part)
-        eval_parts.append(tables[spec.name].take(held_out[spec.name]))
+        eval_parts.append(_take(tables[spec.name], sorted(eval_rows[spec.name])))
     train = pa.concat_tables(train_parts)
     order = list(range(len(train)))
-    random.Random(recipe.mixture.seed).shuffle(order)
-    train = train.take(order)
+    random.Random(mixture.seed).shuffle(order)
+    train = _take(train, order)
     eval_table = pa.concat_tables(eval_parts)
 
     write_split(ctx.out_dir / "train.parquet", train)
     write_split(ctx.out_dir / "eval.parquet", eval_table)
+    every = [r for source in rejects.values() for r in source]
     with open(ctx.out_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-        for reject in sorted(rejects, key=lambda r: (r.source, r.file, r.row, r.reason)):
+        for reject in sorted(every, key=lambda r: (r.source, r.file, r.row, r.reason)):
             f.write(json.dumps(reject.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
-    summary = {"sources": stats, "train_examples": len(train), "eval_examples": len(eval_table),
-               "rejected": len(rejects), "train_tokens": sum(s["tokens"] for s in stats.values()),
-               "trained_tokens": sum(s["trained_tokens"] for s in stats.values())}
+    summary = {"sources": stats, "order": [s.name for s in recipe.sources], "train_examples": len(train),
+               "eval_examples": len(eval_table), "rejected": len(every),
+               "train_tokens": sum(s["tokens"] for s in stats.values()),
+               "trained_tokens": sum(s["trained_tokens"] for s in stats.values()),
+               "length_histogram": length_histogram(sampled)}
     (ctx.out_dir / "stats.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
-    return {"train_examples": len(train), "eval_examples": len(eval_table), "rejected": len(rejects),
+    write_mixture_png(summary, ctx.out_dir / "mixture.png")
+    return {"train_examples": len(train), "eval_examples": len(eval_table), "rejected": len(every),
             "shards": shards}

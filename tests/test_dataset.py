@@ -1,0 +1,267 @@
+"""The dataset stage end to end on a tokenizer-only base (no model weights, seconds per build):
+inline rows, column mapping, preference pairs, filters, exact and near dedup, the reject-rate
+threshold, eval split options, decontamination, per-source caps and passes, determinism, hub
+sources offline, and `tunefile stats`."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from builder.cli import build_recipe, main
+from builder.errors import DataError, RecipeError
+from builder.project import load_project
+
+LONG = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden "
+        "fence near the river bank on a warm summer afternoon in the quiet valley")
+
+
+@pytest.fixture
+def project(tmp_path, tiny_tokenizer, monkeypatch):
+    """A project whose base model is a folder holding only the tiny tokenizer and a config."""
+    root = tmp_path / "p"
+    (root / "recipes").mkdir(parents=True)
+    (root / "data").mkdir()
+    tiny_tokenizer.save_pretrained(root / "models" / "tok")
+    (root / "models" / "tok" / "config.json").write_text('{"model_type": "llama"}\n')
+    (root / "params.yaml").write_text("recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\n")
+    monkeypatch.chdir(root)
+    return root
+
+
+def alpaca(*pairs: tuple[str, str]) -> str:
+    return "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in pairs)
+
+
+def write_recipe(root: Path, body: str) -> None:
+    mixture = "" if "mixture:" in body else "mixture: {eval_fraction: 0.0}\n"
+    (root / "recipes" / "r.yaml").write_text("name: r\nbase: {model: models/tok}\ntemplate: chatml\n" + mixture + body)
+
+
+def build(root: Path) -> dict:
+    build_recipe(load_project(root), "r", "dataset")
+    return json.loads((root / "build/r/dataset/stats.json").read_text())
+
+
+def rows(root: Path, split: str = "train") -> list[dict]:
+    return pq.read_table(root / f"build/r/dataset/{split}.parquet").to_pylist()
+
+
+def rejects(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "build/r/dataset/rejects.jsonl").read_text().splitlines()]
+
+
+def test_inline_rows_column_mapping_and_preference_pairs(project):
+    (project / "data" / "prefs.jsonl").write_text(
+        json.dumps({"question": "Pick a colour.", "good": "Blue.", "bad": "Dunno."}) + "\n"
+        + json.dumps({"question": "Same?", "good": "Yes.", "bad": " Yes. "}) + "\n")
+    write_recipe(project, """sources:
+  - name: inline
+    format: alpaca
+    fields: {instruction: q, output: a}
+    examples: [{q: "Name a fruit.", a: "Apple."}, {q: "Name a tree.", a: "Oak."}, {q: "No answer."}]
+  - name: prefs
+    path: data/prefs.jsonl
+    format: preference
+    fields: {prompt: question, chosen: good, rejected: bad}
+mixture: {eval_fraction: 0.0, max_reject_rate: 0.5}
+""")
+    stats = build(project)
+    got = sorted((r["source"], r["messages"][-1]["content"], r["rejected"]) for r in rows(project))
+    assert got == [("inline", "Apple.", None), ("inline", "Oak.", None), ("prefs", "Blue.", "Dunno.")]
+    assert [(r["source"], r["file"], r["row"], r["reason"]) for r in rejects(project)] == [
+        ("inline", "(inline)", 3, "missing_field"), ("prefs", "data/prefs.jsonl", 2, "same_answers")]
+    assert "fields: {'instruction': 'q', 'output': 'a'}" in rejects(project)[0]["detail"]
+    assert stats["sources"]["inline"]["rows"] == 3 and stats["sources"]["inline"]["malformed"] == 1
+
+
+def test_filters_reject_with_their_own_names(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(
+        ("Hi", "Hello there, friend."),                  # min_chars: 22 < 25
+        ("Tell me a word of your choosing.", "No"),      # min_response_chars: 2 < 3
+        ("What is your password?", "It is hunter2."),    # deny_patterns
+        ("Name a big cat.", "A lion is a big cat."),     # kept
+        ("Name a small bird.", "A wren is a small bird.")))  # kept
+    (project / "data" / "c.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "One?"}, {"role": "assistant", "content": "One answer here."},
+        {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "Two answers here."}]}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Three, in short?"},
+                                   {"role": "assistant", "content": "Three answers here."}]}) + "\n")
+    write_recipe(project, """sources:
+  - {name: a, path: data/a.jsonl, format: alpaca}
+  - {name: c, path: data/c.jsonl, format: messages}
+filters: {min_chars: 25, min_response_chars: 3, max_turns: 3, deny_patterns: ["(?i)hunter\\\\d"]}
+""")
+    stats = build(project)
+    assert stats["sources"]["a"]["rejected"] == {"deny_patterns": 1, "min_chars": 1, "min_response_chars": 1}
+    assert stats["sources"]["a"]["filtered"] == 3 and stats["sources"]["a"]["malformed"] == 0
+    assert stats["sources"]["c"]["rejected"] == {"max_turns": 1}
+    assert sorted(r["messages"][0]["content"] for r in rows(project)) == [
+        "Name a big cat.", "Name a small bird.", "Three, in short?"]
+
+
+def test_min_tokens_filter_counts_rendered_tokens(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(("Hi", "Yo"), ("Name a big cat please.", LONG)))
+    write_recipe(project, """sources: [{name: a, path: data/a.jsonl, format: alpaca}]
+filters: {min_tokens: 20}
+""")
+    assert build(project)["sources"]["a"]["rejected"] == {"min_tokens": 1}
+
+
+def test_exact_and_near_dedup_across_sources_keep_the_first(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(("Describe the scene.", LONG), ("Name a colour.", "Red.")))
+    near = LONG.replace("valley", "vale")  # one word of 30: Jaccard of word 5-grams 0.94
+    (project / "data" / "b.jsonl").write_text(alpaca(("Describe the scene.", near), ("Name a colour.", " Red. "),
+                                                      ("Name a shape.", "Circle.")))
+    recipe = """sources:
+  - {name: a, path: data/a.jsonl, format: alpaca}
+  - {name: b, path: data/b.jsonl, format: alpaca}
+mixture: {eval_fraction: 0.0, dedup: %s}
+"""
+    write_recipe(project, recipe % "exact")
+    stats = build(project)
+    assert stats["sources"]["b"]["rejected"] == {"duplicate": 1} and stats["sources"]["b"]["usable"] == 2
+    write_recipe(project, recipe % "near")
+    stats = build(project)
+    assert stats["sources"]["b"]["rejected"] == {"duplicate": 1, "near_duplicate": 1}
+    assert stats["sources"]["b"]["deduplicated"] == 2 and stats["sources"]["a"]["usable"] == 2
+    assert [(r["row"], r["reason"]) for r in rejects(project)] == [(1, "near_duplicate"), (2, "duplicate")]
+    write_recipe(project, recipe % "none")
+    assert build(project)["sources"]["b"]["usable"] == 3
+
+
+def test_malformed_rows_over_the_threshold_fail_the_build_with_reasons(project):
+    good = [json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) for i in range(8)]
+    (project / "data" / "a.jsonl").write_text("\n".join(good + ["{broken", json.dumps({"instruction": "x"})]) + "\n")
+    write_recipe(project, "sources: [{name: a, path: data/a.jsonl, format: alpaca}]\n")
+    with pytest.raises(DataError, match=r"2 of 10 rows are malformed \(20.0% > mixture.max_reject_rate 5.0%\); "
+                                        r"first: data/a.jsonl row 9: bad_json"):
+        build(project)
+    assert not (project / "build/r/dataset").exists()
+    write_recipe(project, "sources: [{name: a, path: data/a.jsonl, format: alpaca}]\n"
+                          "mixture: {eval_fraction: 0.0, max_reject_rate: 0.2}\n")
+    assert build(project)["sources"]["a"]["rejected"] == {"bad_json": 1, "missing_field": 1}
+
+
+def test_eval_size_per_source_eval_fraction_and_decontamination(project):
+    pairs = [(f"Question number {i}?", f"Answer number {i} is here.") for i in range(40)]
+    pairs.append(("Recite the passage.", LONG))
+    (project / "data" / "a.jsonl").write_text(alpaca(*pairs))
+    (project / "data" / "b.jsonl").write_text(alpaca(*[(f"Other {i}?", f"Reply {i}.") for i in range(20)]))
+    words = LONG.split()
+    (project / "bench.txt").write_text(" ".join(words[3:16]) + "\n" + " ".join(words[20:32]) + "\n")
+    write_recipe(project, """sources:
+  - {name: a, path: data/a.jsonl, format: alpaca}
+  - {name: b, path: data/b.jsonl, format: alpaca, eval_fraction: 0.0}
+mixture: {eval_fraction: 0.25}
+decontaminate: {ngram: 13, against_eval: false, files: [bench.txt]}
+""")
+    stats = build(project)
+    assert stats["sources"]["b"]["eval"] == 0 and 0 < stats["sources"]["a"]["eval"] < 41
+    hits = [r for r in rejects(project) if r["reason"] == "decontaminated"]
+    assert len(hits) == 1 and hits[0]["row"] == 41 and " ".join(words[3:16]).lower() in hits[0]["detail"]
+    assert stats["sources"]["a"]["train_pool"] == 41 - stats["sources"]["a"]["eval"] - 1
+    write_recipe(project, """sources:
+  - {name: a, path: data/a.jsonl, format: alpaca}
+  - {name: b, path: data/b.jsonl, format: alpaca}
+mixture: {eval_size: 7}
+""")
+    stats = build(project)
+    assert len(rows(project, "eval")) == 7 == stats["eval_examples"]
+    assert stats["sources"]["a"]["eval"] + stats["sources"]["b"]["eval"] == 7
+
+
+def test_decontamination_against_the_eval_split(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(*[(f"Q{i}?", f"{LONG} Variant {i}.") for i in range(30)]))
+    write_recipe(project, """sources: [{name: a, path: data/a.jsonl, format: alpaca}]
+mixture: {eval_fraction: 0.2}
+decontaminate: {ngram: 13}
+""")
+    stats = build(project)["sources"]["a"]
+    assert stats["eval"] > 0 and stats["rejected"] == {"decontaminated": 30 - stats["eval"]}
+
+
+def test_max_examples_and_epochs_shape_a_natural_size_mixture(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(*[(f"Q{i}?", f"A{i}.") for i in range(10)]))
+    (project / "data" / "b.jsonl").write_text(alpaca(*[(f"R{i}?", f"B{i}.") for i in range(10)]))
+    write_recipe(project, """sources:
+  - {name: a, path: data/a.jsonl, format: alpaca, epochs: 2}
+  - {name: b, path: data/b.jsonl, format: alpaca, max_examples: 4}
+""")
+    stats = build(project)
+    assert (stats["sources"]["a"]["sampled"], stats["sources"]["b"]["sampled"]) == (20, 4)
+    assert stats["train_examples"] == 24 and len({r["messages"][0]["content"] for r in rows(project)}) == 14
+
+
+def test_same_recipe_same_bytes_and_the_seed_changes_the_order(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(*[(f"Q{i}?", f"A{i}.") for i in range(30)]))
+    (project / "data" / "b.jsonl").write_text(alpaca(*[(f"R{i}?", f"B{i}.") for i in range(5)]))
+    recipe = """sources:
+  - {name: a, path: data/a.jsonl, format: alpaca, weight: 2}
+  - {name: b, path: data/b.jsonl, format: alpaca}
+mixture: {size: 45, seed: %d, dedup: near, eval_fraction: 0.1}
+"""
+    write_recipe(project, recipe % 1)
+    build(project)
+    names = ["train.parquet", "eval.parquet", "rejects.jsonl", "stats.json", "mixture.png"]
+    first = {n: (project / "build/r/dataset" / n).read_bytes() for n in names}
+    shutil.rmtree(project / "build")
+    shutil.rmtree(project / ".tunefile")
+    stats = build(project)
+    assert {n: (project / "build/r/dataset" / n).read_bytes() for n in names} == first
+    assert (stats["sources"]["a"]["sampled"], stats["sources"]["b"]["sampled"]) == (30, 15)
+    order = [r["text"] for r in rows(project)]
+    write_recipe(project, recipe % 2)
+    build(project)
+    assert [r["text"] for r in rows(project)] != order
+
+
+def test_hub_source_offline_fails_fast_with_a_clear_message(project, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(project / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(project / "hf-home" / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    write_recipe(project, "sources: [{name: h, path: 'hf:someone/data@0123abc', format: alpaca, split: train}]\n")
+    started = time.time()
+    with pytest.raises(DataError, match="someone/data@0123abc is not in the local Hugging Face cache and the hub "
+                                        "cannot be reached"):
+        build(project)
+    assert time.time() - started < 30
+
+
+@pytest.mark.parametrize("source,message", [
+    ("{name: s, path: 'hf:someone/data', format: alpaca}", "must be hf:org/name@revision"),
+    ("{name: s, path: data/a.jsonl, examples: [{}], format: alpaca}", "needs exactly one of path"),
+    ("{name: s, path: data/a.jsonl, format: alpaca, split: train}", "split and subset apply to hub datasets"),
+    ("{name: s, path: data/a.jsonl, format: alpaca, fields: {answer: a}}", "fields ['answer'] are not read by "
+                                                                           "format alpaca; allowed: instruction"),
+])
+def test_bad_source_keys_are_recipe_errors(project, source, message):
+    (project / "data" / "a.jsonl").write_text(alpaca(("Q?", "A.")))
+    write_recipe(project, f"sources: [{source}]\n")
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_project(project).load_recipe("r")
+
+
+def test_recipe_level_conflicts_and_bad_patterns_are_recipe_errors(project):
+    (project / "data" / "a.jsonl").write_text(alpaca(("Q?", "A.")))
+    src = "sources: [{name: s, path: data/a.jsonl, format: alpaca, epochs: 2}]\n"
+    write_recipe(project, "mixture: {size: 10}\n" + src)
+    with pytest.raises(RecipeError, match="epochs sets passes over a source when mixture.size is omitted"):
+        load_project(project).load_recipe("r")
+    write_recipe(project, "sources: [{name: s, path: data/a.jsonl, format: alpaca}]\nfilters: {deny_patterns: ['(']}\n")
+    with pytest.raises(RecipeError, match="deny pattern '\\(' is not a valid regex"):
+        load_project(project).load_recipe("r")
+
+
+def test_stats_command_prints_the_mixture_table(project, capsys):
+    (project / "data" / "a.jsonl").write_text(alpaca(("Q1?", "A1."), ("Q2?", "A2."), ("Q1?", "A1.")))
+    write_recipe(project, "sources: [{name: a, path: data/a.jsonl, format: alpaca}]\n")
+    assert main(["stats", "r"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].split()[:9] == ["a", "3", "1", "duplicate", "1", "1", "0", "2", "0"]
+    assert "rejects by reason:\n  a: duplicate 1" in out
+    assert (project / "build/r/dataset/mixture.png").read_bytes()[:4] == b"\x89PNG"
