@@ -6,6 +6,10 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.setup-done
 # DVC stage commands call `tunefile`, so the venv's bin goes first on PATH.
 export PATH := $(BIN):$(PATH)
+# llama-cpp-python compiles llama.cpp when pip installs it. tunefile does not use its multimodal
+# library (llava/mtmd), so it is not built: a shorter cold setup. CMAKE_ARGS you set (for example
+# -DGGML_CUDA=on) are passed on.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF $(CMAKE_ARGS)
 
 .PHONY: setup repro test clean
 
@@ -13,7 +17,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -r requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -c constraints.txt -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/tunefile vendor
 	touch $@

@@ -192,20 +192,14 @@ def test_read_benchmark_texts_txt_jsonl_json(tmp_path):
     assert read_benchmark_texts(as_object) == ["D1", "T1", "T2"]
 
 
-def test_read_benchmark_texts_errors(tmp_path):
-    jsonl = tmp_path / "bench.jsonl"
-    jsonl.write_text('{"q": "ok"}\n\n{"q": broken}\n')
-    with pytest.raises(ValueError, match=r"bench\.jsonl:3: invalid JSON"):
-        read_benchmark_texts(jsonl)
-    bad_json = tmp_path / "bench.json"
-    bad_json.write_text('[\n  "ok",\n  oops\n]')
-    with pytest.raises(ValueError, match=r"bench\.json:3: invalid JSON"):
-        read_benchmark_texts(bad_json)
-    scalar = tmp_path / "scalar.json"
-    scalar.write_text('"just a string"')
-    with pytest.raises(ValueError, match=r"scalar\.json: top level is str"):
-        read_benchmark_texts(scalar)
-    unknown = tmp_path / "bench.csv"
-    unknown.write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"bench\.csv: unknown benchmark file suffix '\.csv'"):
-        read_benchmark_texts(unknown)
+@pytest.mark.parametrize("name,content,message", [
+    ("bench.jsonl", '{"q": "ok"}\n\n{"q": broken}\n', r"bench\.jsonl:3: invalid JSON"),
+    ("bench.json", '[\n  "ok",\n  oops\n]', r"bench\.json:3: invalid JSON"),
+    ("scalar.json", '"just a string"', r"scalar\.json: top level is str"),
+    ("bench.csv", "a,b\n", r"bench\.csv: unknown benchmark file suffix '\.csv'"),
+])
+def test_read_benchmark_texts_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_benchmark_texts(path)

@@ -40,6 +40,7 @@ DELIBERATE = {"duplicate", "near_duplicate", "decontaminated", "too_long", "min_
               "max_chars", "min_turn_chars", "max_turn_chars", "min_response_chars", "max_turns",
               "deny_patterns"}
 DEDUPLICATED = {"duplicate", "near_duplicate"}
+CHUNK = 2000  # conversations tokenized per batch (and per progress-bar step)
 HISTOGRAM_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -69,6 +70,15 @@ def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
     })
 
 
+def progress(total: int, what: str):  # noqa: ANN201
+    """A progress bar on an interactive terminal; silent in CI, under DVC's log capture and in tests."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="conv", disable=not sys.stderr.isatty() or total < CHUNK)
+
+
 def build_shard(spec: SourceSpec, recipe: Recipe, root: Path, template: str, tokenizer):  # noqa: ANN001, ANN201
     """Read, filter, render and tokenize one source: (examples table, rejects, conversations, rows)."""
     conversations, rejects, rows = read_source(spec, root)
@@ -79,9 +89,14 @@ def build_shard(spec: SourceSpec, recipe: Recipe, root: Path, template: str, tok
             kept.append(conv)
         else:
             rejects.append(Reject(conv.source, conv.file, conv.row, *rejection))
-    examples, bad = tokenize_examples(kept, template, tokenizer() if kept else None, recipe.train.train_on,
-                                      recipe.train.max_length, recipe.system_prompt)
-    rejects += bad
+    examples = []
+    with progress(len(kept), f"{spec.name}: render + tokenize") as bar:
+        for start in range(0, len(kept), CHUNK):
+            part, bad = tokenize_examples(kept[start:start + CHUNK], template, tokenizer(), recipe.train.train_on,
+                                          recipe.train.max_length, recipe.system_prompt)
+            examples += part
+            rejects += bad
+            bar.update(len(kept[start:start + CHUNK]))
     final = []
     for example in examples:
         rejection = check_tokens(len(example.input_ids), recipe.filters)
