@@ -55,7 +55,10 @@ def render_dvc_yaml(project: Project, plans: dict[str, list[Stage]]) -> str:
             elif stage.kind in ("train", "eval"):
                 metrics.append(_rel(project, out / "metrics.json"))
             if stage.kind == "train":
-                plots.append({_rel(project, out / "loss.csv"): {"x": "step", "y": "loss"}})
+                loss_csv = _rel(project, out / "loss.csv")
+                plots.append({loss_csv: {"x": "step", "y": "loss"}})
+                plots.append({f"{recipe}-learning-rate": {"x": "step", "y": {loss_csv: "lr"}}})
+                plots.append({_rel(project, out / "eval.csv"): {"x": "step", "y": "eval_loss"}})
     document = {"stages": dvc_stages, "metrics": metrics, "plots": plots}
     return HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=1000)
 

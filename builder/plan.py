@@ -20,7 +20,7 @@ from builder.project import Project
 from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
 
-CODE_VERSIONS = {"base": 1, "dataset": 3, "train": 1, "merge": 1, "gguf": 1, "quantize": 1, "eval": 1}
+CODE_VERSIONS = {"base": 1, "dataset": 3, "train": 2, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),
@@ -115,7 +115,8 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     train = _stage(recipe, "train", [base, dataset], recipe.slice("train"), {})
     stages = [base, dataset, train]
     if recipe.export.merge:
-        merge = _stage(recipe, "merge", [base, train], recipe.slice("template"),
+        merge = _stage(recipe, "merge", [base, train],
+                       {**recipe.slice("template"), "merge_dtype": recipe.export.merge_dtype},
                        {"template": _template_identity(recipe, root, stat)})
         stages.append(merge)
         if recipe.export.gguf is not None:

@@ -26,6 +26,7 @@ class Params(BaseModel):
     recipes: tuple[str, ...] = Field(min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str = ".tunefile"
+    checkpoint_steps: int = Field(default=50, gt=0)  # train checkpoints (for resuming) every N steps
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,14 @@ class Project:
         return Path(name_or_path)
 
     def load_recipe(self, name_or_path: str) -> Recipe:
-        return load_recipe(self.recipe_path(name_or_path), root=self.root)
+        path = self.recipe_path(name_or_path)
+        recipe = load_recipe(path, root=self.root)
+        if recipe.train.method == "qlora" and not has_cuda(self.params.device):
+            line = load_yaml(path).where(("train", "method"))
+            raise RecipeError([f"{line}: train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit), and "
+                               f"params.yaml device is {self.params.device} with no NVIDIA driver here; "
+                               "use lora or full on this machine"])
+        return recipe
 
     def build_dir(self, recipe: str) -> Path:
         return self.root / BUILD_DIR / recipe
@@ -54,6 +62,11 @@ class Project:
 
     def spec_path(self, recipe: str, stage: str) -> Path:
         return self.build_dir(recipe) / "specs" / f"{stage}.json"
+
+
+def has_cuda(device: str) -> bool:
+    """Whether training could run on CUDA, without importing torch (validation stays fast)."""
+    return device != "cpu" and Path("/proc/driver/nvidia/version").exists()
 
 
 def load_project(root: Path | None = None) -> Project:

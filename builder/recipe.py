@@ -152,14 +152,23 @@ class LoraSpec(Strict):
 
 
 class TrainSpec(Strict):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
     train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"
     max_length: int = Field(default=512, gt=8)
     packing: bool = True
     epochs: int = Field(default=1, gt=0)
     lr: float = Field(default=2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation: int = Field(default=1, gt=0)
+    gradient_checkpointing: bool = False
+    neftune_alpha: Optional[float] = Field(default=None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (fp16) on CUDA, fp32 on CPU
+    eval_steps: Optional[int] = Field(default=None, gt=0)  # eval loss every N steps (and at the end)
     seed: int = 0
 
 
@@ -180,6 +189,7 @@ class GgufSpec(Strict):
 
 class ExportSpec(Strict):
     merge: bool = True
+    merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the base model's dtype
     gguf: Optional[GgufSpec] = GgufSpec()
 
     @model_validator(mode="after")

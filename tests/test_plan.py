@@ -157,11 +157,11 @@ def test_golden_keys(tmp_path, monkeypatch):
     assert keys == {
         "base": "94fc260c1bfdf3bda9ff6fab109cd9f6",
         "dataset": "3760b933c6c0c7f213399d9646e720d0",
-        "train": "2daabb32309246425ceaea95af75012b",
-        "merge": "e57c477079f44cd41df496d3b3e14879",
-        "gguf": "907b3af2ca6575b0cc67d77794498d67",
-        "quantize@q8_0": "60f924c97925816bc1d2339a6a3dcaa4",
-        "eval@q8_0": "6b87dc7e7e9f384438c2bc546937c6bb",
+        "train": "4cf6491fe24267467782c1e5009907df",
+        "merge": "59b0567e93e597c80a8d70b4c28f031e",
+        "gguf": "7c8b7870d73003b5cab966a08a9e24d7",
+        "quantize@q8_0": "186151cbfc85dd82d99f970a3e21c9f3",
+        "eval@q8_0": "f73cd0f265129a3e756bd5e461652935",
     }
 
 

@@ -33,7 +33,7 @@ def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
     line = default_text().splitlines().index("  lr: 2.0e-4") + 1
     message = str(err.value)
     assert f"{path}:{line}: unknown key 'train.leraning_rate'" in message
-    assert "allowed here: batch_size, epochs, lora, lr, max_length, method, packing, seed, train_on" in message
+    assert "allowed here: batch_size, epochs, eval_steps, gradient_accumulation, gradient_checkpointing, lora, lr, max_grad_norm, max_length, method, neftune_alpha, packing, precision, scheduler, seed, train_on, warmup_ratio, weight_decay" in message
 
 
 def test_unknown_quant_type_is_rejected_with_allowed_values(tmp_path):
@@ -54,7 +54,7 @@ def test_missing_source_file_is_an_error_before_building(tmp_path):
 
 
 @pytest.mark.parametrize("old,new,expected", [
-    ("method: lora ", "method: lorra ", "train.method: Input should be 'lora' or 'full'"),
+    ("method: lora ", "method: lorra ", "train.method: Input should be 'lora', 'qlora' or 'full'"),
     ("batch_size: 8", "batch_size: eight", "train.batch_size: Input should be a valid integer"),
     ("template: chatml", "template: chatmlx", "unknown template 'chatmlx'; allowed: "),
     ("format: sharegpt", "format: shargpt", "sources.1.format: Input should be 'alpaca', 'sharegpt'"),

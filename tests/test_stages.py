@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from builder.stages.train import make_batches, pack_rows, to_tensors
+from builder.batches import make_batches, pack_rows, padding_fraction, to_tensors
 
 
 def test_pack_rows_restarts_positions_and_drops_boundary_labels():

@@ -1,9 +1,24 @@
 """merge stage: fold the adapter into the base weights and save an HF model whose tokenizer
-files carry the recipe's chat template (what the GGUF and every later user will see)."""
+files carry the recipe's chat template (what the GGUF and every later user will see).
+
+The merge runs on CPU in fp32 from the base's full-precision files (a QLoRA adapter is folded
+into the dequantized base, never into 4-bit weights), then the model is saved in
+`export.merge_dtype` (auto: the dtype the base's config names, float32 if none).
+"""
 from __future__ import annotations
+
+import json
 
 from builder.stages import StageContext
 from builder.templates import read_template
+
+
+def merge_dtype(asked: str, base_dir) -> str:  # noqa: ANN001
+    if asked != "auto":
+        return asked
+    config = json.loads((base_dir / "config.json").read_text())
+    named = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return named if named in ("float32", "bfloat16", "float16") else "float32"
 
 
 def run(ctx: StageContext) -> dict:
@@ -20,7 +35,10 @@ def run(ctx: StageContext) -> dict:
         model = PeftModel.from_pretrained(model, train_dir).merge_and_unload()
     else:  # full fine-tuning saved the whole model
         model = AutoModelForCausalLM.from_pretrained(train_dir, dtype=torch.float32)
+    dtype = merge_dtype(ctx.recipe.export.merge_dtype, base_dir)
+    model = model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(ctx.out_dir)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "dtype": dtype}

@@ -1,8 +1,12 @@
-"""train stage: LoRA (or full) fine-tuning of the base model on the dataset stage's train split.
+"""train stage: LoRA, QLoRA or full fine-tuning of the base model on the dataset stage's train split.
 
-Top to bottom: read the data, build batches (packed or padded), load the model and wrap it in
-LoRA, loop, save. Writes adapter_model.safetensors + adapter_config.json (or the full model),
-metrics.json (final/eval loss, tokens, speed) and loss.csv (the curve, for `dvc plots`).
+Top to bottom: read the data and draw every epoch's batches (packed or padded) up front, load the
+model in the precision the device allows and wrap it (LoRA adapters, 4-bit base for QLoRA), set
+up the optimizer and schedule, resume from the newest checkpoint if an earlier run of these exact
+inputs was interrupted, loop (gradient accumulation, clipping, NEFTune noise, periodic eval loss,
+checkpoints), save. Writes adapter_model.safetensors + adapter_config.json (or the full model),
+metrics.json (losses, tokens, speed, padding), loss.csv (step, epoch, loss, lr) and eval.csv
+(step, eval_loss) for `dvc plots`.
 """
 from __future__ import annotations
 
@@ -10,158 +14,211 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 
+from builder.batches import Batch, make_batches, padding_fraction, read_split, to_tensors, trained_tokens
+from builder.checkpoints import checkpoint_folder, clear_checkpoints, load_latest, save_checkpoint
 from builder.errors import StageError
 from builder.stages import StageContext
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Batch:
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    position_ids: list[list[int]]
-    attention_mask: list[list[int]] | None  # None for packed batches: positions mark the examples
-
-
-def read_split(path) -> list[tuple[list[int], list[int]]]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["input_ids", "labels"])
-    return list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
-
-
-def pack_rows(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list, list, list]]:
-    """Greedy packing into rows of at most max_length tokens, positions restarting per example.
-
-    The first label of each example is dropped so no token learns to predict across examples;
-    attention stays within an example because transformers derives a block-diagonal mask from
-    position ids that restart (when no attention mask is passed)."""
-    rows, ids, labels, positions = [], [], [], []
-    for example_ids, example_labels in examples:
-        if ids and len(ids) + len(example_ids) > max_length:
-            rows.append((ids, labels, positions))
-            ids, labels, positions = [], [], []
-        ids = ids + example_ids
-        labels = labels + [IGNORE_INDEX] + example_labels[1:]
-        positions = positions + list(range(len(example_ids)))
-    if ids:
-        rows.append((ids, labels, positions))
-    return rows
-
-
-def make_batches(examples: list[tuple[list[int], list[int]]], batch_size: int, packing: bool,
-                 max_length: int, pad_id: int) -> list[Batch]:
-    batches = []
-    rows = pack_rows(examples, max_length) if packing else [
-        (ids, labels, list(range(len(ids)))) for ids, labels in examples]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(len(r[0]) for r in chunk)
-        batch = Batch([], [], [], None if packing else [])
-        for ids, labels, positions in chunk:
-            pad = width - len(ids)
-            batch.input_ids.append(ids + [pad_id] * pad)
-            batch.labels.append(labels + [IGNORE_INDEX] * pad)
-            # Padding gets positions of its own (a separate "example" when packed).
-            batch.position_ids.append(positions + list(range(pad)))
-            if batch.attention_mask is not None:
-                batch.attention_mask.append([1] * len(ids) + [0] * pad)
-        batches.append(batch)
-    return batches
-
-
-def to_tensors(batch: Batch, device) -> dict:
-    import torch
-
-    tensors = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": batch.position_ids}
-    if batch.attention_mask is not None:
-        tensors["attention_mask"] = batch.attention_mask
-    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in tensors.items()}
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 def evaluate_loss(model, batches: list[Batch], device) -> float | None:
-    """Mean loss per trained token over the eval split."""
+    """Mean loss per trained token over the eval split (no noise, no dropout: eval mode)."""
     import torch
 
     total, count = 0.0, 0
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            tensors = to_tensors(batch, device)
-            n = int((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n = trained_tokens(batch)
             if n:
-                total += float(model(**tensors, use_cache=False).loss) * n
+                total += float(model(**to_tensors(batch, device), use_cache=False).loss) * n
                 count += n
-    model.train()
+    model.train(was_training)
     return total / count if count else None
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """auto: bf16 on a GPU that has it, else fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if precision != "auto":
+        if precision != "fp32" and not cuda:
+            raise StageError(f"train.precision: {precision} needs a CUDA device; use fp32 or auto on CPU")
+        return precision
+    if not cuda:
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def add_neftune(model, alpha: float):  # noqa: ANN001, ANN201
+    """NEFTune: uniform noise of scale alpha/sqrt(length*dim) on the input embeddings, in training
+    mode only (eval losses and generation never see it). Returns the hook handle."""
+    import torch
+
+    def noisy(module, args, output):  # noqa: ANN001, ANN202
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.size(1) * output.size(2))
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    return model.get_input_embeddings().register_forward_hook(noisy)
+
+
+def load_model(spec, base_dir, precision: str):  # noqa: ANN001, ANN201
+    """The model ready to train: full weights in fp32 (mixed precision autocasts them), LoRA over a
+    base in the compute dtype, or QLoRA over a 4-bit NF4 base (bitsandbytes, CUDA only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if spec.method == "qlora":
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise StageError("train.method: qlora needs bitsandbytes: pip install bitsandbytes") from None
+        from peft import prepare_model_for_kbit_training
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=compute)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32 if spec.method == "full" else compute)
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec.lora
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=sorted(lora.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model
+
+
+def padding_report(examples: list, spec, pad_id: int) -> dict:  # noqa: ANN001
+    """The padding fraction of the first epoch with and without packing (what packing saves)."""
+    order = list(examples)
+    random.Random(spec.seed).shuffle(order)
+    return {f"padding_fraction_{name}": padding_fraction(make_batches(order, spec.batch_size, packing,
+                                                                      spec.max_length, pad_id))
+            for name, packing in (("packed", True), ("unpacked", False))}
+
+
+def draw_epochs(examples: list, spec, pad_id: int) -> list[list[Batch]]:  # noqa: ANN001
+    """Every epoch's batches, drawn up front from the seed: the schedule knows the exact number of
+    steps, and a resumed run sees exactly the batches the interrupted one would have."""
+    rng = random.Random(spec.seed)
+    epochs = []
+    for _ in range(spec.epochs):
+        order = list(examples)
+        rng.shuffle(order)
+        epochs.append(make_batches(order, spec.batch_size, spec.packing, spec.max_length, pad_id))
+    return epochs
 
 
 def run(ctx: StageContext) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoTokenizer, get_scheduler
 
     spec = ctx.recipe.train
     device_knob = ctx.project.params.device
-    if device_knob == "cuda" and not torch.cuda.is_available():
+    cuda = device_knob != "cpu" and torch.cuda.is_available()
+    if device_knob == "cuda" and not cuda:
         raise StageError("params.yaml asks for device: cuda, but torch sees no CUDA device")
-    # Order matters: seed before the model is built (LoRA init draws random numbers) and before batching.
+    if spec.method == "qlora" and not cuda:
+        raise StageError("train.method: qlora needs a CUDA device (bitsandbytes 4-bit); use lora or full on CPU")
+    precision = resolve_precision(spec.precision, cuda)
+    # Order matters: seed before the model is built (LoRA init draws random numbers).
     set_seed(spec.seed)
-    accelerator = Accelerator(cpu=device_knob == "cpu")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision)
     base_dir, data_dir = ctx.input_dir("base"), ctx.input_dir("dataset")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_examples = read_split(data_dir / "train.parquet")
     eval_batches = make_batches(read_split(data_dir / "eval.parquet"), spec.batch_size, spec.packing,
                                 spec.max_length, pad_id)
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if spec.method == "lora":
-        lora = spec.lora
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=sorted(lora.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
-
-    # Every epoch's order is drawn up front, so the schedule knows the exact number of steps.
-    rng = random.Random(spec.seed)
-    epochs = []
-    for _ in range(spec.epochs):
-        order = list(train_examples)
-        rng.shuffle(order)
-        epochs.append(make_batches(order, spec.batch_size, spec.packing, spec.max_length, pad_id))
-    total_steps = sum(len(batches) for batches in epochs)
-    if not total_steps:
+    epochs = draw_epochs(train_examples, spec, pad_id)
+    micro = [(epoch, batch) for epoch, batches in enumerate(epochs) for batch in batches]
+    steps = [micro[i:i + spec.gradient_accumulation] for i in range(0, len(micro), spec.gradient_accumulation)]
+    if not steps:
         raise StageError("the train split is empty; check the dataset stage's stats.json")
-    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
+
+    model = load_model(spec, base_dir, precision)
+    if spec.neftune_alpha is not None:
+        add_neftune(model, spec.neftune_alpha)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = get_scheduler(SCHEDULERS[spec.scheduler], optimizer,
+                              num_warmup_steps=math.ceil(len(steps) * spec.warmup_ratio),
+                              num_training_steps=len(steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
-    curve, step, tokens, started = [], 0, 0, time.time()
-    for epoch, batches in enumerate(epochs):
-        for batch in batches:
-            tensors = to_tensors(batch, accelerator.device)
-            loss = model(**tensors, use_cache=False).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    # Resume: an interrupted run of these exact inputs left a checkpoint under the stage key.
+    folder = checkpoint_folder(ctx.project.cache_dir, ctx.stage.key)
+    state = load_latest(folder)
+    curve, evals, tokens, start = [], [], 0, 0
+    if state is not None:
+        named = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        curve, evals, tokens, start = state["curve"], state["evals"], state["tokens"], state["step"]
+
+    started, tokens_now = time.time(), 0
+    every = ctx.project.params.checkpoint_steps
+    for index in range(start, len(steps)):
+        group = steps[index]
+        # The loss of a step is the mean over all its trained tokens, however they fall into micro-batches.
+        window = sum(trained_tokens(batch) for _, batch in group)
+        step_loss = 0.0
+        for epoch, batch in group:
             tokens += sum(len(ids) for ids in batch.input_ids)
-            curve.append((step, epoch, loss.detach().item(), scheduler.get_last_lr()[0]))
+            tokens_now += sum(len(ids) for ids in batch.input_ids)
+            n = trained_tokens(batch)
+            if not n:
+                continue
+            loss = model(**to_tensors(batch, accelerator.device), use_cache=False).loss * (n / window)
+            accelerator.backward(loss)
+            step_loss += loss.detach().item()
+        if spec.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step = index + 1
+        curve.append((step, group[-1][0], step_loss, lr))
+        if spec.eval_steps and step % spec.eval_steps == 0 and step < len(steps):
+            evals.append((step, evaluate_loss(model, eval_batches, accelerator.device)))
+        if step % every == 0 and step < len(steps):
+            named = accelerator.unwrap_model(model).named_parameters()
+            save_checkpoint(folder, step, {
+                "trainable": {n: p.detach().cpu().clone() for n, p in named if p.requires_grad},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+                "curve": curve, "evals": evals, "tokens": tokens})
     seconds = time.time() - started
     eval_loss = evaluate_loss(model, eval_batches, accelerator.device)
+    evals.append((len(steps), eval_loss))
 
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(ctx.out_dir, safe_serialization=True)
     (ctx.out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card template
-    if spec.method == "lora":
+    if spec.method in ("lora", "qlora"):
         # Stable bytes: peft writes target_modules in set order and the base as an absolute path.
         config_path = ctx.out_dir / "adapter_config.json"
         config = json.loads(config_path.read_text())
@@ -174,9 +231,15 @@ def run(ctx: StageContext) -> dict:
     with open(ctx.out_dir / "loss.csv", "w") as f:
         f.write("step,epoch,loss,lr\n")
         f.writelines(f"{s},{e},{loss:.6f},{lr:.8g}\n" for s, e, loss, lr in curve)
-    metrics = {"steps": step, "train_loss": round(curve[-1][2], 6) if curve else None,
+    with open(ctx.out_dir / "eval.csv", "w") as f:
+        f.write("step,eval_loss\n")
+        f.writelines(f"{s},{loss:.6f}\n" for s, loss in evals if loss is not None)
+    metrics = {"steps": len(steps), "micro_batches": len(micro), "train_loss": round(curve[-1][2], 6),
                "eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
-               "train_tokens": tokens, "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-               "trainable_parameters": sum(p.numel() for p in trainable), "device": str(accelerator.device)}
+               "train_tokens": tokens, "tokens_per_second": round(tokens_now / seconds, 1) if seconds else None,
+               "trainable_parameters": sum(p.numel() for p in trainable), "device": str(accelerator.device),
+               "precision": precision, "padding_fraction": padding_fraction(epochs[0]),
+               **padding_report(train_examples, spec, pad_id)}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    return metrics
+    clear_checkpoints(folder)
+    return {**metrics, "resumed_from_step": start}
