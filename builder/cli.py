@@ -3,6 +3,7 @@
     tunefile validate [RECIPE...]        tunefile plan RECIPE
     tunefile build RECIPE [--until S]    tunefile stage STAGE RECIPE
     tunefile preview RECIPE [-n N] [--tokens] [--html FILE]      tunefile stats RECIPE
+    tunefile report RECIPE
     tunefile dvc [--check]               tunefile resolve        tunefile vendor
 """
 from __future__ import annotations
@@ -151,6 +152,26 @@ def cmd_dvc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from builder.report import format_quant_table
+    from builder.stages import is_built
+
+    project = _project()
+    _, plan = _stage_map(project, args.recipe)
+    evals = [name for name in plan if name.startswith("eval@")]
+    stale = [name for name in ["train", *evals] if not is_built(project, plan[name])]
+    if stale:
+        raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {args.recipe}`")
+
+    def read(stage: str) -> dict:
+        return json.loads((project.stage_dir(args.recipe, stage) / "metrics.json").read_text(encoding="utf-8"))
+
+    print(format_quant_table(read("train"), {f"model-{e.split('@')[1]}.gguf": read(e) for e in evals}), end="")
+    return 0
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -190,6 +211,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="mixture report: per source rows, rejects by reason, tokens, trained tokens")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("report", help="training summary and the quantization matrix (size, perplexity, speed)")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("preview", help="render the first examples with trained text highlighted")
     p.add_argument("recipe")
     p.add_argument("-n", type=int, default=3, help="examples to show, round-robin over sources (default 3)")

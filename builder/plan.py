@@ -123,6 +123,10 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
             # The recipe's name is written into the GGUF (general.name, lineage), so it is an input.
             gguf = _stage(recipe, "gguf", [merge], {"name": recipe.name, "dtype": recipe.export.gguf.dtype}, {})
             stages.append(gguf)
+            if recipe.export.gguf.dtype not in recipe.export.gguf.quantize:
+                # The unquantized GGUF is measured too: the baseline of the quantization matrix.
+                stages.append(_stage(recipe, f"eval@{recipe.export.gguf.dtype}", [gguf, dataset],
+                                     {"type": recipe.export.gguf.dtype}, {}))
             for quant in recipe.export.gguf.quantize:
                 quantize = _stage(recipe, f"quantize@{quant}", [gguf], {"type": quant}, {})
                 evaluate = _stage(recipe, f"eval@{quant}", [quantize, dataset], {"type": quant}, {})

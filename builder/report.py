@@ -199,3 +199,33 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
+    """`tunefile report`: the training summary and one row per GGUF file measured by an eval stage
+    (size, perplexity on assistant tokens and its ratio to the first row, generation speed, and
+    whether the template survived the round trip), in the order given (unquantized first)."""
+    lines = []
+    if train:
+        lines.append(f"train: {train.get('steps')} steps, train loss {train.get('train_loss')}, eval loss "
+                     f"{train.get('eval_loss')}, {train.get('tokens_per_second')} tokens/s on {train.get('device')} "
+                     f"({train.get('precision', '-')}), padding {_percent(train.get('padding_fraction'))}")
+    header = ("gguf", "MiB", "perplexity", "vs first", "gen tok/s", "template")
+    rows = []
+    first = next((m.get("perplexity") for m in evals.values() if m.get("perplexity")), None)
+    for name, metrics in evals.items():
+        ppl = metrics.get("perplexity")
+        checks = {**metrics.get("template_roundtrip", {}), **metrics.get("template_checks", {})}
+        rows.append((name, f"{metrics.get('file_bytes', 0) / 2**20:.2f}", MISSING if ppl is None else f"{ppl:.4f}",
+                     MISSING if not (ppl and first) else f"{ppl / first:.4f}x",
+                     str(metrics.get("generation_tokens_per_second", MISSING)),
+                     "ok" if checks and all(checks.values()) else
+                     "FAILED: " + ", ".join(k for k, v in sorted(checks.items()) if not v) if checks else MISSING))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        lines.append("  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}%"

@@ -98,7 +98,8 @@ def run(ctx: StageContext) -> dict:
     import pyarrow.parquet as pq
 
     quant = ctx.stage.param
-    path = ctx.input_dir(f"quantize@{quant}") / gguf_name(quant)
+    producer = f"quantize@{quant}" if f"quantize@{quant}" in ctx.stage.upstream else "gguf"
+    path = ctx.input_dir(producer) / gguf_name(quant)
     rows = pq.read_table(ctx.input_dir("dataset") / "eval.parquet").to_pylist()[:EVAL_EXAMPLES]
     if not rows:  # a recipe with eval_fraction 0: measure on training examples instead
         rows = pq.read_table(ctx.input_dir("dataset") / "train.parquet").to_pylist()[:EVAL_EXAMPLES]
