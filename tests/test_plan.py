@@ -8,7 +8,7 @@ from builder.plan import explain_changes, plan_stages
 from builder.project import load_project
 from conftest import REPO, make_project
 
-STAGES = ["base", "dataset", "train", "merge", "gguf", "quantize@q8_0", "eval@q8_0",
+STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@f16", "quantize@q8_0", "eval@q8_0",
           "quantize@q4_k_m", "eval@q4_k_m"]
 
 
@@ -160,6 +160,7 @@ def test_golden_keys(tmp_path, monkeypatch):
         "train": "4cf6491fe24267467782c1e5009907df",
         "merge": "59b0567e93e597c80a8d70b4c28f031e",
         "gguf": "7c8b7870d73003b5cab966a08a9e24d7",
+        "eval@f16": "2ff895b4252a351525f9faacdacc9a66",
         "quantize@q8_0": "186151cbfc85dd82d99f970a3e21c9f3",
         "eval@q8_0": "f73cd0f265129a3e756bd5e461652935",
     }
