@@ -38,7 +38,10 @@ def plan_project(project: Project, stat: StatCache | None = None) -> dict[str, l
 def render_dvc_yaml(project: Project, plans: dict[str, list[Stage]]) -> str:
     specs = [_rel(project, project.spec_path(s.recipe, s.name)) for stages in plans.values() for s in stages]
     dvc_stages: dict[str, dict] = {
+        # The recipes as DVC params files: `dvc exp run -S recipes/R.yaml:train.lr=...`, `dvc params diff`
+        # and `dvc exp show` see recipe keys. Staleness still comes from the specs, never from these.
         "resolve": {"cmd": "tunefile resolve", "always_changed": True,
+                    "params": [{_rel(project, project.recipe_path(name)): None} for name in plans],
                     "outs": [{path: {"persist": True}} for path in specs]},
     }
     metrics, plots = [], []

@@ -9,6 +9,8 @@ The tests in this file run in order and share the repo.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -281,3 +283,14 @@ def test_killed_builds_rerun_to_the_same_bytes(reference, tmp_path):
     assert not list((root / "build" / "default").glob(".*tmp*"))
     for rel in DETERMINISTIC_FILES:
         assert (root / "build/default" / rel).read_bytes() == (reference / "build/default" / rel).read_bytes(), rel
+
+
+def test_dvc_experiments_set_recipe_keys(repo):
+    """Recipes are DVC params files: `dvc exp run -S` edits one and reruns exactly what it made stale."""
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the experiment")
+    output = sh(repo, "dvc", "exp", "run", "-S", "recipes/default.yaml:train.lr=0.0005")
+    assert "default-dataset" not in ran(output) and "default-train" in ran(output)
+    assert "lr: 0.0005" in (repo / "recipes" / "default.yaml").read_text()
+    rows = list(csv.DictReader(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv"))))
+    assert {row["train.lr"] for row in rows} >= {"0.0002", "0.0005"} and all(row["eval_loss"] for row in rows)
