@@ -26,6 +26,12 @@ def test_default_recipe_loads():
     assert recipe.train.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path, root=REPO)
+    assert recipe.name == path.stem
+
+
 def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
     path, root = write(tmp_path, default_text().replace("  lr: 2.0e-4", "  leraning_rate: 2.0e-4"))
     with pytest.raises(RecipeError) as err:
