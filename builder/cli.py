@@ -109,6 +109,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _report(recipe: str, stage: str, manifest: dict, out=sys.stdout) -> None:  # noqa: ANN001
+    if manifest.get("worker"):  # a non-main rank of a multi-process train: rank 0 reports
+        return
     how = "restored from the stage store" if manifest["restored_from_store"] else "built"
     print(f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s", file=out)
 

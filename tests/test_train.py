@@ -186,3 +186,41 @@ def test_qlora_on_a_machine_without_cuda_fails_validation_with_file_and_line(tmp
     root = make(tmp_path / "q", tiny_base, "  method: qlora")
     with pytest.raises(RecipeError, match=r"r\.yaml:\d+: train.method: qlora needs a CUDA GPU"):
         load_project(root).load_recipe("r")
+
+
+def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
+    """torchrun with 2 CPU processes (gloo DDP): each trains its share of every step; rank 0 alone
+    publishes. Same adapter bytes as one process accumulating over the same micro-batches."""
+    import os
+    import subprocess
+    import sys
+
+    one = make(tmp_path / "one", tiny_base, "  gradient_accumulation: 2")
+    train(one)
+    two = make(tmp_path / "two", tiny_base)
+    build_recipe(load_project(two), "r", "dataset")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "-m", "builder", "stage", "train", "r"],
+                          cwd=two, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("r/train: built") == 1  # rank 0 reports, rank 1 does not
+    summary = json.loads((two / "build/r/train/manifest.json").read_text())["summary"]
+    assert (summary["processes"], summary["steps"], summary["micro_batches"]) == (2, 5, 9)
+    for name in ("adapter_model.safetensors", "loss.csv"):
+        assert (two / "build/r/train" / name).read_bytes() == (one / "build/r/train" / name).read_bytes(), name
+    assert sorted(p.name for p in (two / "build/r").iterdir()) == [".lock", "base", "dataset", "train"]
+
+
+def test_only_the_train_stage_runs_under_a_multi_process_launch(tmp_path, tiny_base, monkeypatch):
+    from builder.errors import StageError
+    from builder.plan import plan_stages
+    from builder.stages import run_stage
+
+    root = make(tmp_path / "w", tiny_base)
+    project = load_project(root)
+    recipe = project.load_recipe("r")
+    plan = {s.name: s for s in plan_stages(recipe, project)}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(StageError, match="only the train stage runs under a multi-process launch"):
+        run_stage(project, recipe, plan["dataset"], plan)

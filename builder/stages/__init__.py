@@ -137,9 +137,34 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def distributed_rank() -> int | None:
+    """This process's rank under `accelerate launch` / torchrun with more than one process, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0"))
+    return None
+
+
+def run_worker(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, Stage]) -> dict:
+    """A non-main rank of a multi-process train: it trains its share in a scratch folder, and
+    the main rank alone publishes the stage (lock, temp folder, manifest, store)."""
+    scratch = project.stage_dir(recipe.name, stage.name).with_name(f".{stage.name}.worker-{os.getpid()}")
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        module = importlib.import_module(f"builder.stages.{MODULES[stage.kind]}")
+        return {"summary": module.run(StageContext(project, recipe, stage, plan, scratch)), "worker": True}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, Stage]) -> dict:
     """Build `stage` from its (already built) upstream stages, or restore it from the stage
-    store when its key was built before; return its manifest."""
+    store when its key was built before; return its manifest. Under a multi-process launch
+    every rank trains; only rank 0 publishes, and nothing is restored (all ranks must train)."""
+    rank = distributed_rank()
+    if rank is not None and stage.kind != "train":
+        raise StageError(f"only the train stage runs under a multi-process launch; run {stage.name} in one process")
+    if rank:
+        return run_worker(project, recipe, stage, plan)
     with recipe_lock(project, recipe.name):
         for name in stage.upstream:
             if not is_built(project, plan[name]):
@@ -155,7 +180,7 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
         store = StageStore(project.cache_dir)
         started = time.time()
         try:
-            restored = store.get(stage.key, tmp)
+            restored = rank is None and store.get(stage.key, tmp)
             if restored:
                 summary = (read_manifest(tmp) or {}).get("summary", {})
             else:

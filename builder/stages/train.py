@@ -146,8 +146,12 @@ def run(ctx: StageContext) -> dict:
     eval_batches = make_batches(read_split(data_dir / "eval.parquet"), spec.batch_size, spec.packing,
                                 spec.max_length, pad_id)
     epochs = draw_epochs(train_examples, spec, pad_id)
+    # One optimizer step takes gradient_accumulation micro-batches per process; under a multi-process
+    # launch, process r trains micro-batches r, r+W, ... of each step's group (W processes).
+    world, rank = accelerator.num_processes, accelerator.process_index
     micro = [(epoch, batch) for epoch, batches in enumerate(epochs) for batch in batches]
-    steps = [micro[i:i + spec.gradient_accumulation] for i in range(0, len(micro), spec.gradient_accumulation)]
+    per_step = spec.gradient_accumulation * world
+    steps = [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
     if not steps:
         raise StageError("the train split is empty; check the dataset stage's stats.json")
 
@@ -182,18 +186,24 @@ def run(ctx: StageContext) -> dict:
     every = ctx.project.params.checkpoint_steps
     for index in range(start, len(steps)):
         group = steps[index]
-        # The loss of a step is the mean over all its trained tokens, however they fall into micro-batches.
+        # The loss of a step is the mean over all its trained tokens, however they fall into
+        # micro-batches and processes (DDP averages gradients over processes: hence `* world`).
         window = sum(trained_tokens(batch) for _, batch in group)
+        step_tokens = sum(len(ids) for _, batch in group for ids in batch.input_ids)
+        tokens, tokens_now = tokens + step_tokens, tokens_now + step_tokens
+        share = group[rank::world]
         step_loss = 0.0
-        for epoch, batch in group:
-            tokens += sum(len(ids) for ids in batch.input_ids)
-            tokens_now += sum(len(ids) for ids in batch.input_ids)
-            n = trained_tokens(batch)
-            if not n:
+        for epoch, batch in share or group[:1]:
+            n = trained_tokens(batch) if share else 0
+            if not n and world == 1:
                 continue
-            loss = model(**to_tensors(batch, accelerator.device), use_cache=False).loss * (n / window)
+            output = model(**to_tensors(batch, accelerator.device), use_cache=False)
+            # A rank with nothing to train still joins the gradient all-reduce, with zero weight.
+            loss = output.loss * (n / window * world) if n else output.logits.sum() * 0.0
             accelerator.backward(loss)
-            step_loss += loss.detach().item()
+            step_loss += loss.detach().item() / world
+        if world > 1:
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item()
         if spec.max_grad_norm is not None:
             accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -204,7 +214,7 @@ def run(ctx: StageContext) -> dict:
         curve.append((step, group[-1][0], step_loss, lr))
         if spec.eval_steps and step % spec.eval_steps == 0 and step < len(steps):
             evals.append((step, evaluate_loss(model, eval_batches, accelerator.device)))
-        if step % every == 0 and step < len(steps):
+        if step % every == 0 and step < len(steps) and accelerator.is_main_process:
             named = accelerator.unwrap_model(model).named_parameters()
             save_checkpoint(folder, step, {
                 "trainable": {n: p.detach().cpu().clone() for n, p in named if p.requires_grad},
@@ -215,6 +225,7 @@ def run(ctx: StageContext) -> dict:
     eval_loss = evaluate_loss(model, eval_batches, accelerator.device)
     evals.append((len(steps), eval_loss))
 
+    accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(ctx.out_dir, safe_serialization=True)
     (ctx.out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card template
@@ -241,5 +252,7 @@ def run(ctx: StageContext) -> dict:
                "precision": precision, "padding_fraction": padding_fraction(epochs[0]),
                **padding_report(train_examples, spec, pad_id)}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    clear_checkpoints(folder)
-    return {**metrics, "resumed_from_step": start}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        clear_checkpoints(folder)
+    return {**metrics, "resumed_from_step": start, "processes": world}
