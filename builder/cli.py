@@ -199,9 +199,6 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check recipes without building")
     p.add_argument("recipes", nargs="*", help="recipe names or paths (default: params.yaml's list)")
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("plan", help="each stage, its key, and whether it is up to date")
-    p.add_argument("recipe")
-    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("build", help="build a recipe without DVC (same code as the DVC stages)")
     p.add_argument("recipe")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. dataset, quantize@q8_0)")
@@ -210,12 +207,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_stage)
-    p = sub.add_parser("stats", help="mixture report: per source rows, rejects by reason, tokens, trained tokens")
-    p.add_argument("recipe")
-    p.set_defaults(func=cmd_stats)
-    p = sub.add_parser("report", help="training summary and the quantization matrix (size, perplexity, speed)")
-    p.add_argument("recipe")
-    p.set_defaults(func=cmd_report)
+    for name, func, text in (
+            ("plan", cmd_plan, "each stage, its key, and whether it is up to date"),
+            ("stats", cmd_stats, "mixture report: per source rows, rejects by reason, tokens, trained tokens"),
+            ("report", cmd_report, "training summary and the quantization matrix (size, perplexity, speed)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe")
+        p.set_defaults(func=func)
     p = sub.add_parser("preview", help="render the first examples with trained text highlighted")
     p.add_argument("recipe")
     p.add_argument("-n", type=int, default=3, help="examples to show, round-robin over sources (default 3)")
