@@ -288,7 +288,7 @@ def test_killed_builds_rerun_to_the_same_bytes(reference, tmp_path):
 def test_dvc_experiments_set_recipe_keys(repo):
     """Recipes are DVC params files: `dvc exp run -S` edits one and reruns exactly what it made stale."""
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the experiment")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", "before the experiment")
     output = sh(repo, "dvc", "exp", "run", "-S", "recipes/default.yaml:train.lr=0.0005")
     assert "default-dataset" not in ran(output) and "default-train" in ran(output)
     assert "lr: 0.0005" in (repo / "recipes" / "default.yaml").read_text()
