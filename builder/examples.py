@@ -97,8 +97,6 @@ def token_counts(table) -> tuple[list[int], list[int]]:
     return pc.list_value_length(labels).to_numpy().tolist(), trained.astype(int).tolist()
 
 
-
-
 def conversation_text(messages: list[dict]) -> str:
     """The user and assistant contents of a conversation, for near-dedup and decontamination."""
     return "\n".join(m["content"] for m in messages if m["role"] != "system")

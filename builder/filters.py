@@ -70,10 +70,6 @@ FILTERS: tuple[Callable[[Conversation, FiltersSpec], Rejection], ...] = (
     _turns, _example_chars, _turn_chars, _deny_patterns)
 
 
-def is_active(spec: FiltersSpec) -> bool:
-    return spec != FiltersSpec()
-
-
 def check_conversation(conversation: Conversation, spec: FiltersSpec) -> Rejection:
     """The first filter that rejects the conversation, as (reason, detail); None keeps it."""
     for check in FILTERS:

@@ -27,7 +27,7 @@ from builder.examples import (conversation_text, examples_table, token_counts, t
 from builder.filters import check_conversation, check_tokens
 from builder.hashing import hash_text, hash_value
 from builder.mixture import allocate_counts, is_eval_example, sample_examples
-from builder.recipe import Recipe, SourceSpec
+from builder.recipe import FiltersSpec, Recipe, SourceSpec
 from builder.report import write_mixture_png
 from builder.sources import Reject, read_source
 from builder.stages import StageContext
@@ -36,9 +36,8 @@ from builder.templates.checks import check_template
 
 SHARD_VERSION = 3  # bump when a shard's content changes for the same inputs
 # Deliberate drops: they never count toward a source's reject rate (mixture.max_reject_rate).
-DELIBERATE = {"duplicate", "near_duplicate", "decontaminated", "too_long", "min_tokens", "min_chars",
-              "max_chars", "min_turn_chars", "max_turn_chars", "min_response_chars", "max_turns",
-              "deny_patterns"}
+# Every filter rejects with its own key name as the reason.
+DELIBERATE = {"duplicate", "near_duplicate", "decontaminated", "too_long", *FiltersSpec.model_fields}
 DEDUPLICATED = {"duplicate", "near_duplicate"}
 CHUNK = 2000  # conversations tokenized per batch (and per progress-bar step)
 HISTOGRAM_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -211,9 +210,10 @@ def length_histogram(tables: dict) -> dict:
     """Token lengths of the train examples per source, in fixed bins (the report's histogram)."""
     import numpy as np
 
-    longest = max([max(token_counts(t)[0], default=0) for t in tables.values()] + [1])
+    lengths = {s: token_counts(t)[0] for s, t in tables.items()}
+    longest = max([max(n, default=0) for n in lengths.values()] + [1])
     edges = [e for e in HISTOGRAM_EDGES if e < longest] + [next((e for e in HISTOGRAM_EDGES if e >= longest), longest)]
-    counts = {s: np.histogram(token_counts(t)[0], bins=edges)[0].astype(int).tolist() for s, t in tables.items()}
+    counts = {s: np.histogram(n, bins=edges)[0].astype(int).tolist() for s, n in lengths.items()}
     return {"edges": edges, "counts": counts}
 
 

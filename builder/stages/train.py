@@ -245,12 +245,13 @@ def run(ctx: StageContext) -> dict:
     with open(ctx.out_dir / "eval.csv", "w") as f:
         f.write("step,eval_loss\n")
         f.writelines(f"{s},{loss:.6f}\n" for s, loss in evals if loss is not None)
+    padding = padding_report(train_examples, spec, pad_id)  # the first epoch, packed and not
+    padding["padding_fraction"] = padding["padding_fraction_packed" if spec.packing else "padding_fraction_unpacked"]
     metrics = {"steps": len(steps), "micro_batches": len(micro), "train_loss": round(curve[-1][2], 6),
                "eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
                "train_tokens": tokens, "tokens_per_second": round(tokens_now / seconds, 1) if seconds else None,
                "trainable_parameters": sum(p.numel() for p in trainable), "device": str(accelerator.device),
-               "precision": precision, "padding_fraction": padding_fraction(epochs[0]),
-               **padding_report(train_examples, spec, pad_id)}
+               "precision": precision, **padding}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
