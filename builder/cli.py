@@ -5,13 +5,17 @@
     tunefile preview RECIPE [-n N] [--tokens] [--html FILE]      tunefile stats RECIPE
     tunefile report RECIPE
     tunefile dvc [--check]               tunefile resolve        tunefile vendor
+    tunefile doctor                      (does llama-cpp-python run GGUF files on this CPU?)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from builder.errors import RecipeError, TunefileError
+
+DEBUG_ENV = "TUNEFILE_DEBUG"  # =1: let exceptions through with their traceback
 
 
 def _project():
@@ -40,13 +44,20 @@ def _needed(plan: dict, target: str) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    project = _project()
-    names = args.recipes or list(project.params.recipes)
+    from builder.project import find_root, load_standalone
+
+    if find_root() is None and args.recipes:
+        # Outside any project: each recipe alone, paths relative to the current folder, default
+        # machine settings (params.yaml's defaults).
+        projects = [(load_standalone(), ref) for ref in args.recipes]
+    else:
+        project = _project()
+        projects = [(project, ref) for ref in args.recipes or list(project.params.recipes)]
     problems = []
-    for name in names:
+    for project, ref in projects:
         try:
-            project.load_recipe(name)
-            print(f"ok: {project.recipe_path(name)}")
+            project.load_recipe(ref)
+            print(f"ok: {project.recipe_path(ref)}")
         except RecipeError as exc:
             problems += exc.problems
     if problems:
@@ -59,9 +70,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from builder.stages import read_manifest
 
     project = _project()
-    _, plan = _stage_map(project, args.recipe)
+    recipe, plan = _stage_map(project, args.recipe)
     for stage in plan.values():
-        manifest = read_manifest(project.stage_dir(args.recipe, stage.name))
+        manifest = read_manifest(project.stage_dir(recipe.name, stage.name))
         if manifest is None:
             status = "not built"
         elif manifest.get("key") == stage.key:
@@ -73,20 +84,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_recipe(project, recipe_name: str, until: str | None, out=sys.stdout) -> None:  # noqa: ANN001
+def build_recipe(project, recipe_name: str, until: str | None, out=None) -> None:  # noqa: ANN001
     from builder.stages import is_built, recipe_lock, run_stage
 
     recipe, plan = _stage_map(project, recipe_name)
     target = until or list(plan)[-1]
     if target not in plan:
-        raise TunefileError(f"--until {target}: no such stage in {recipe_name}; stages: {', '.join(plan)}")
+        raise TunefileError(f"--until {target}: no such stage in {recipe.name}; stages: {', '.join(plan)}")
     names = _needed(plan, target) if until else list(plan)
     with recipe_lock(project, recipe.name):
         for name in names:
             if is_built(project, plan[name]):
-                print(f"{recipe_name}/{name}: up to date", file=out)
+                print(f"{recipe.name}/{name}: up to date", file=out)
                 continue
-            _report(recipe_name, name, run_stage(project, recipe, plan[name], plan), out)
+            _report(recipe.name, name, run_stage(project, recipe, plan[name], plan), out)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -100,15 +111,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from builder.report import format_stats_table
 
     project = _project()
+    recipe = project.load_recipe(args.recipe)
     build_recipe(project, args.recipe, "dataset", out=sys.stderr)  # a no-op when the dataset is current
-    folder = project.stage_dir(args.recipe, "dataset")
+    folder = project.stage_dir(recipe.name, "dataset")
     stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
     print(format_stats_table(stats, color=sys.stdout.isatty()), end="")
     print(f"\nrejected rows: {folder / 'rejects.jsonl'}\nmixture picture: {folder / 'mixture.png'}")
     return 0
 
 
-def _report(recipe: str, stage: str, manifest: dict, out=sys.stdout) -> None:  # noqa: ANN001
+def _report(recipe: str, stage: str, manifest: dict, out=None) -> None:  # noqa: ANN001
     if manifest.get("worker"):  # a non-main rank of a multi-process train: rank 0 reports
         return
     how = "restored from the stage store" if manifest["restored_from_store"] else "built"
@@ -121,17 +133,18 @@ def cmd_stage(args: argparse.Namespace) -> int:
     project = _project()
     recipe, plan = _stage_map(project, args.recipe)
     if args.stage not in plan:
-        raise TunefileError(f"no stage '{args.stage}' in {args.recipe}; stages: {', '.join(plan)}")
-    _report(args.recipe, args.stage, run_stage(project, recipe, plan[args.stage], plan))
+        raise TunefileError(f"no stage '{args.stage}' in {recipe.name}; stages: {', '.join(plan)}")
+    _report(recipe.name, args.stage, run_stage(project, recipe, plan[args.stage], plan))
     return 0
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from builder.project import find_root
     from builder.resolve import resolve
 
-    for name in resolve(Path.cwd()):
+    for name in resolve(find_root() or Path.cwd()):
         print(f"{name}: key changed")
     return 0
 
@@ -161,14 +174,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from builder.stages import is_built
 
     project = _project()
-    _, plan = _stage_map(project, args.recipe)
+    recipe, plan = _stage_map(project, args.recipe)
     evals = [name for name in plan if name.startswith("eval@")]
     stale = [name for name in ["train", *evals] if not is_built(project, plan[name])]
     if stale:
         raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {args.recipe}`")
 
     def read(stage: str) -> dict:
-        return json.loads((project.stage_dir(args.recipe, stage) / "metrics.json").read_text(encoding="utf-8"))
+        return json.loads((project.stage_dir(recipe.name, stage) / "metrics.json").read_text(encoding="utf-8"))
 
     print(format_quant_table(read("train"), {f"model-{e.split('@')[1]}.gguf": read(e) for e in evals}), end="")
     return 0
@@ -190,6 +203,14 @@ def cmd_vendor(args: argparse.Namespace) -> int:
     from builder.vendor import ensure_converter
 
     print(ensure_converter())
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from builder.doctor import run_doctor
+
+    run_doctor()
+    print("doctor: llama-cpp-python loads and decodes f16, q8_0 and q4_k_m files on this CPU")
     return 0
 
 
@@ -228,15 +249,62 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dvc)
     p = sub.add_parser("vendor", help="fetch llama.cpp's HF->GGUF converter for the installed llama-cpp-python")
     p.set_defaults(func=cmd_vendor)
+    p = sub.add_parser("doctor", help="check that llama-cpp-python quantizes and decodes GGUF files on this CPU")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame of tunefile's own code that the exception passed through."""
+    import traceback
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(package)]
+    frame = frames[-1] if frames else None
+    return f" at {Path(frame.filename).relative_to(Path(package).parent)}:{frame.lineno}" if frame else ""
+
+
+def _silence_stdout() -> None:
+    # The reader went away (`tunefile plan | head -1`): drop what is still buffered, quietly.
     try:
-        return args.func(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input ends in one `error: ...` line and exit 1, never a traceback
+    (TUNEFILE_DEBUG=1 shows it)."""
+    args = make_parser().parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # as a shell reports a command ended by SIGPIPE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except TunefileError as exc:
+        if debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 (a bug of ours: still one line, with where it happened)
+        if debug:
+            raise
+        print(f"error: internal error{_where(exc)}: {type(exc).__name__}: {exc} "
+              f"(rerun with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -223,7 +223,11 @@ def read_benchmark_texts(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
         raise ValueError(f"{path}: unknown benchmark file suffix {path.suffix!r}; expected .txt, .jsonl or .json")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
     if suffix == ".txt":
         return [line.strip() for line in text.split("\n") if line.strip()]
     if suffix == ".jsonl":

@@ -31,13 +31,15 @@ def conversation_digest(conversation: Conversation) -> str:
 
 
 def tokenize_examples(conversations: list[Conversation], template: str, tokenizer, train_on: str,
-                      max_length: int, system_prompt: str | None = None) -> tuple[list[Example], list[Reject]]:
+                      max_length: int, system_prompt: str | None = None,
+                      no_end_of_turn: str = "append_eos") -> tuple[list[Example], list[Reject]]:
     """Render, tokenize and label (ids and labels built together by tokenize_chats); return the
     examples and the rejects, each with the template's countable reason."""
     if not conversations:
         return [], []
     finals = [with_system_prompt(conv, system_prompt) for conv in conversations]
-    results = tokenize_chats(template, [final.to_dicts() for final in finals], tokenizer, train_on=train_on)
+    results = tokenize_chats(template, [final.to_dicts() for final in finals], tokenizer, train_on=train_on,
+                             no_end_of_turn=no_end_of_turn)
     examples, rejects = [], []
     for conv, final, result in zip(conversations, finals, results):
         if isinstance(result, TemplateError):

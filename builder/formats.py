@@ -18,7 +18,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def _field(row: dict, name: str, required: bool = True) -> object:
     if name not in row or row[name] is None:
         if required:
-            raise RowError("missing_field", f"no '{name}' field (row has: {', '.join(sorted(row))})")
+            detail = (f"'{name}' is null" if name in row
+                      else f"no '{name}' field (row has: {', '.join(sorted(map(str, row))) or 'no fields'})")
+            raise RowError("missing_field", detail)
         return ""
     return row[name]
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import glob
 import json
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 
 from builder.hashing import StatCache, canonical_json, hash_value
 from builder.models import BUILTIN_MODELS, CORPUS, model_files
-from builder.project import Project
+from builder.project import Project, project_path
 from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
+from builder.versions import library_version
 
 CODE_VERSIONS = {"base": 1, "dataset": 3, "train": 2, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
@@ -50,17 +49,9 @@ class Stage:
         return self.name.split("@")[1] if "@" in self.name else None
 
 
-@lru_cache(maxsize=None)
-def library_version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not-installed"
-
-
 def _files_of(pattern: str, root: Path, stat: StatCache) -> dict[str, str]:
     matches = sorted(glob.glob(str(root / pattern)))
-    return {Path(m).relative_to(root).as_posix(): stat.digest(Path(m)) for m in matches}
+    return {project_path(Path(m), root): stat.digest(Path(m)) for m in matches}
 
 
 def _base_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
@@ -107,8 +98,10 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     # Inline rows are in the recipe slice; a hub source is pinned by the revision in its path.
     sources = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {} for s in recipe.sources}
     benchmarks = {p: stat.digest(root / p) for p in (recipe.decontaminate.files if recipe.decontaminate else ())}
+    # no_end_of_turn joins the key only off its default, so keys built before the key existed stay.
+    eot = recipe.slice("no_end_of_turn") if recipe.no_end_of_turn != "append_eos" else {}
     dataset = _stage(recipe, "dataset", [base],
-                     {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"),
+                     {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"), **eot,
                       "train": {k: recipe.train.model_dump(mode="json")[k] for k in ("train_on", "max_length")}},
                      {"files": sources, "template": _template_identity(recipe, root, stat),
                       **({"benchmarks": benchmarks} if benchmarks else {})})

@@ -23,8 +23,8 @@ from builder.project import Project
 from builder.recipe import Recipe
 from builder.records import Conversation, with_system_prompt
 from builder.sources import read_source
-from builder.templates import TemplateError, end_of_turn_marker, read_template, render_chat, special_tokens
-from builder.templates.tokens import IGNORE_INDEX, template_tokens, tokenize_chat
+from builder.templates import TemplateError, end_of_turn_markers, read_template, render_chat, special_tokens
+from builder.templates.tokens import IGNORE_INDEX, apply_policy, template_tokens, tokenize_chat
 
 GREEN, DIM, RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 TOKEN_SHADES = ("\x1b[48;5;236m", "\x1b[48;5;238m")  # alternate backgrounds mark token boundaries
@@ -38,6 +38,7 @@ class Shown:
     trained_spans: list[tuple[int, int]]
     tokens: list[tuple[int, int, int, bool]] | None  # (start, end, id, trained) with show_tokens
     error: str | None  # the reject reason and message when the template refuses the example
+    appended: tuple[tuple[int, int], ...] = ()  # text tunefile added (EOS after answers, no_end_of_turn)
 
 
 def pick_conversations(recipe: Recipe, root: Path, n: int) -> list[Conversation]:
@@ -85,14 +86,16 @@ def render_examples(project: Project, recipe: Recipe, n: int, show_tokens: bool)
     for conversation in pick_conversations(recipe, project.root, n):
         messages = conversation.to_dicts()
         try:
+            result = apply_policy(render_chat(template, messages, train_on=recipe.train.train_on, **variables),
+                                  recipe.no_end_of_turn, variables.get("eos_token"))
             if tokenizer is not None:
-                chat = tokenize_chat(template, messages, tokenizer, train_on=recipe.train.train_on)
+                chat = tokenize_chat(template, messages, tokenizer, train_on=recipe.train.train_on,
+                                     no_end_of_turn=recipe.no_end_of_turn)
                 tokens = [(start, end, token, label != IGNORE_INDEX)
                           for (start, end), token, label in zip(chat.offsets, chat.input_ids, chat.labels)]
-                shown.append(Shown(conversation, chat.text, chat.trained_spans, tokens, None))
+                shown.append(Shown(conversation, chat.text, chat.trained_spans, tokens, None, result.appended))
             else:
-                result = render_chat(template, messages, train_on=recipe.train.train_on, **variables)
-                shown.append(Shown(conversation, result.text, result.trained_spans, None, None))
+                shown.append(Shown(conversation, result.text, result.trained_spans, None, None, result.appended))
         except TemplateError as exc:
             shown.append(Shown(conversation, "", [], None, f"{exc.reason}: {exc}"))
     return template, variables, shown
@@ -129,6 +132,9 @@ def _header(index: int, total: int, item: Shown) -> str:
     counts = f"{trained}/{len(item.text)} characters trained"
     if item.tokens is not None:
         counts = f"{sum(t[3] for t in item.tokens)}/{len(item.tokens)} tokens trained"
+    if item.appended:
+        added = item.text[item.appended[0][0]:item.appended[0][1]]
+        counts += f" · {added!r} appended after {len(item.appended)} answer(s) (no_end_of_turn: append_eos)"
     return f"── example {index}/{total} · {where} · {counts}"
 
 
@@ -208,7 +214,10 @@ def preview(project: Project, recipe_name: str, n: int = 3, html_path: Path | No
     recipe = project.load_recipe(recipe_name)
     template, variables, shown = render_examples(project, recipe, n, show_tokens)
     try:
-        marker = end_of_turn_marker(template, **variables)
+        markers = end_of_turn_markers(template, **variables)
+        marker = markers.final if markers.has_token else (
+            f"none; {variables.get('eos_token')!r} appended" if recipe.no_end_of_turn == "append_eos"
+            else "none; kept as is: the model will not learn to stop")
     except TemplateError as exc:
         marker = f"(none: {exc})"
     text = format_terminal(recipe, marker, shown, color)

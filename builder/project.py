@@ -1,6 +1,8 @@
 """The project: its root folder, `params.yaml` (recipes to build, machine knobs) and where things go.
 
 Paths in recipes are relative to the project root, the folder holding `params.yaml` and `dvc.yaml`.
+Commands find it by walking up from the current folder, as git and DVC do. A recipe is named
+either way: `default` or its path (`recipes/default.yaml`, relative to the current folder).
 """
 from __future__ import annotations
 
@@ -39,10 +41,9 @@ class Project:
         return self.root / self.params.cache_dir
 
     def recipe_path(self, name_or_path: str) -> Path:
-        """`default` -> recipes/default.yaml; a path is taken as it is."""
-        if re.match(NAME_PATTERN, name_or_path):
-            return self.root / RECIPES_DIR / f"{name_or_path}.yaml"
-        return Path(name_or_path)
+        """`default` -> <root>/recipes/default.yaml; a path (relative to the current folder) is
+        taken as it is."""
+        return recipe_file(name_or_path, self.root)
 
     def load_recipe(self, name_or_path: str) -> Recipe:
         path = self.recipe_path(name_or_path)
@@ -64,14 +65,50 @@ class Project:
         return self.build_dir(recipe) / "specs" / f"{stage}.json"
 
 
+def load_standalone() -> Project:
+    """Outside any project (`tunefile validate FILE`): the current folder as root, default settings."""
+    return Project(root=Path.cwd().resolve(), params=Params(recipes=("default",)))
+
+
 def has_cuda(device: str) -> bool:
     """Whether training could run on CUDA, without importing torch (validation stays fast)."""
     return device != "cpu" and Path("/proc/driver/nvidia/version").exists()
 
 
+def project_path(path: Path, root: Path) -> str:
+    """How a file is named in keys, rejects and provenance: relative to the project root when it
+    lies inside it (so a moved or cloned project keeps its keys), else its absolute path."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_posix()
+
+
+def recipe_file(name_or_path: str, root: Path) -> Path:
+    """The recipe file a command-line RECIPE means: a bare name is recipes/NAME.yaml under root;
+    anything else is a path, relative to the current folder."""
+    if re.match(NAME_PATTERN, name_or_path):
+        return root / RECIPES_DIR / f"{name_or_path}.yaml"
+    return Path(name_or_path).resolve()
+
+
+def find_root(start: Path | None = None) -> Path | None:
+    """The nearest folder at or above start (default: the current folder) holding params.yaml."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder
+    return None
+
+
 def load_project(root: Path | None = None) -> Project:
-    """Read params.yaml at root (default: the current folder)."""
-    root = Path(root or Path.cwd()).resolve()
+    """Read params.yaml at root; without a root, the project around the current folder."""
+    if root is None:
+        root = find_root()
+        if root is None:
+            raise RecipeError([f"no {PARAMS_FILE} in {Path.cwd()} or any folder above it: run tunefile "
+                               "inside a project (the folder with params.yaml and dvc.yaml, or below it)"])
+    root = Path(root).resolve()
     doc = load_yaml(root / PARAMS_FILE)
     try:
         params = Params.model_validate(doc.data or {})

@@ -205,6 +205,10 @@ class Recipe(Strict):
     description: Optional[str] = None
     base: BaseSpec
     template: str = "chatml"
+    # For templates that write no end-of-turn token: append the tokenizer's EOS after each trained
+    # answer and train it (append_eos), or keep the template's text as is (keep: the model never
+    # learns to stop). No effect on templates that close turns themselves.
+    no_end_of_turn: Literal["append_eos", "keep"] = "append_eos"
     system_prompt: Optional[str] = None
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
     mixture: MixtureSpec = MixtureSpec()

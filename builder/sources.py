@@ -10,6 +10,7 @@ import csv
 import glob
 import json
 import os
+import re
 import socket
 from urllib.parse import urlparse
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Iterator
 
 from builder.errors import DataError
 from builder.formats import FORMATS, apply_fields
+from builder.project import project_path
 from builder.recipe import SourceSpec
 from builder.records import Conversation, RowError, make_conversation
 
@@ -35,9 +37,19 @@ class Reject:
                 "detail": self.detail}
 
 
+def _encoding_error(exc: UnicodeDecodeError) -> RowError:
+    return RowError("bad_encoding", f"not UTF-8: byte {exc.object[exc.start]:#04x} at column {exc.start + 1}")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    # Lines are decoded one by one, so a line that is not UTF-8 is one rejected row, not a dead file.
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, _encoding_error(exc)
+                continue
             if not line.strip():
                 continue
             try:
@@ -46,29 +58,74 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                 yield number, RowError("bad_json", str(exc))
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, object]]:
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+
+
+def _read_text(path: Path) -> tuple[str, bool]:
+    """The file's text, and whether it had bytes that are not UTF-8 (kept as surrogate escapes,
+    so the rows holding them can be rejected one by one)."""
+    data = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="surrogateescape"), True
+
+
+def _bad_bytes(value: object) -> str | None:
+    """The first string in value holding a byte that is not UTF-8, if any."""
+    if isinstance(value, str):
+        return value if _BAD_BYTE.search(value) else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((bad for v in value if (bad := _bad_bytes(v)) is not None), None)
+    return None
+
+
+def _checked(rows: Iterator[tuple[int, object]], dirty: bool) -> Iterator[tuple[int, object]]:
+    for number, row in rows:
+        bad = _bad_bytes(row) if dirty else None
+        if bad is None:
+            yield number, row
+        else:
+            byte = ord(_BAD_BYTE.search(bad).group()) - 0xDC00
+            yield number, RowError("bad_encoding", f"not UTF-8: byte {byte:#04x} in {bad[:40]!r}")
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, object]]:
+    text, dirty = _read_text(path)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(data, dict):  # an object of arrays, e.g. {"train": [...], "extra": [...]}
         if not all(isinstance(v, list) for v in data.values()):
             raise DataError(f"{path}: a .json source is an array of rows or an object of arrays")
         data = [row for key in sorted(data) for row in data[key]]
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json source is an array of rows or an object of arrays")
-    yield from enumerate(data, start=1)
+    yield from _checked(enumerate(data, start=1), dirty)
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, object]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        yield from enumerate(csv.DictReader(f), start=1)
+    import io
+
+    text, dirty = _read_text(path)
+    try:
+        yield from _checked(enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1), dirty)
+    except csv.Error as exc:
+        raise DataError(f"{path}: not valid CSV ({exc})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -126,7 +183,7 @@ def _row_groups(spec: SourceSpec, root: Path) -> Iterator[tuple[str, Iterator[tu
     if not files:
         raise DataError(f"source '{spec.name}': no file matches '{spec.path}'")
     for file in files:
-        rel = Path(file).relative_to(root).as_posix()
+        rel = project_path(Path(file), root)
         if Path(file).suffix not in READERS:
             raise DataError(f"source '{spec.name}': {rel} matches '{spec.path}' but is not one of "
                             f"{', '.join(READERS)}")

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from builder.errors import StageError
-from builder.plan import library_version
+from builder.versions import library_version
 
 PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
@@ -29,8 +29,14 @@ def converter_dir() -> Path:
     return cache_root() / f"llama.cpp-{library_version('llama_cpp_python')}"
 
 
+def _setup_sdist(version: str) -> Path | None:
+    """The sdist that setup built the llama-cpp-python wheel from (Makefile), if it is still there."""
+    found = sorted(cache_root().glob(f"wheels/llama-cpp-python-{version}-*/sdist/llama_cpp_python-{version}.tar.gz"))
+    return found[0] if found else None
+
+
 def ensure_converter() -> Path:
-    """The converter folder, fetching it (pip download of the sdist, ~75 MB) if it is missing."""
+    """The converter folder, from setup's sdist or a pip download of it (~75 MB) if it is missing."""
     target = converter_dir()
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
@@ -39,13 +45,15 @@ def ensure_converter() -> Path:
         raise StageError("llama-cpp-python is not installed; run `make setup`")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", tmp, "--quiet"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise StageError(f"could not download the llama-cpp-python {version} sdist for its GGUF "
-                             f"converter (needs access to the package index):\n{done.stderr[-2000:]}")
+        archives = [a for a in [_setup_sdist(version)] if a is not None]
+        if not archives:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   f"llama-cpp-python=={version}", "-d", tmp, "--quiet"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            if done.returncode != 0 or not archives:
+                raise StageError(f"could not download the llama-cpp-python {version} sdist for its GGUF "
+                                 f"converter (needs access to the package index):\n{done.stderr[-2000:]}")
         staging = Path(tmp) / "llama.cpp"
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         with tarfile.open(archives[0]) as archive:

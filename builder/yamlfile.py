@@ -48,6 +48,13 @@ def load_yaml(path: Path) -> YamlDoc:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError([f"{path}: file not found"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{path}: is a folder, not a YAML file"]) from None
+    except UnicodeDecodeError as exc:
+        line = text_line(path.read_bytes(), exc.start)
+        raise RecipeError([f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})"]) from None
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -55,11 +62,18 @@ def load_yaml(path: Path) -> YamlDoc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise RecipeError([f"{path}:{line}: invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{path}:1: invalid YAML: {exc}"]) from None
     lines: dict[Loc, int] = {}
     if node is not None:
         _check_duplicate_keys(path, node)
         _index_lines(node, (), lines)
     return YamlDoc(path=path, data=data, lines=lines)
+
+
+def text_line(data: bytes, offset: int) -> int:
+    """The 1-based line of a byte offset."""
+    return data.count(b"\n", 0, offset) + 1
 
 
 def _check_duplicate_keys(path: Path, node: yaml.Node) -> None:

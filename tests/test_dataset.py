@@ -265,3 +265,87 @@ def test_stats_command_prints_the_mixture_table(project, capsys):
     assert out.splitlines()[2].split()[:9] == ["a", "3", "1", "duplicate", "1", "1", "0", "2", "0"]
     assert "rejects by reason:\n  a: duplicate 1" in out
     assert (project / "build/r/dataset/mixture.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_that_are_not_utf8_are_rejected_one_by_one(project):
+    lines = [json.dumps({"instruction": f"Say {w}.", "output": f"{w.title()}."}).encode() for w in
+             ("one", "two", "three", "four")]
+    lines[1] = lines[1].replace(b"Say", b"Dis apr\xe8s")  # a latin-1 byte: not UTF-8
+    (project / "data" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    csv_text = "instruction,output\nSay five.,Five.\nSay caf\xe9.,Six.\nSay seven.,Seven.\n"
+    (project / "data" / "b.csv").write_bytes(csv_text.encode("latin-1"))
+    array = [{"instruction": "Say eight.", "output": "Eight."}, {"instruction": "Say nine.", "output": "Nine."}]
+    (project / "data" / "c.json").write_bytes(json.dumps(array).encode().replace(b"nine.\"", b"n\xefne.\""))
+    write_recipe(project, "mixture: {eval_fraction: 0.0, max_reject_rate: 0.5}\nsources:\n"
+                          "  - {name: a, path: data/a.jsonl, format: alpaca}\n"
+                          "  - {name: b, path: data/b.csv, format: alpaca}\n"
+                          "  - {name: c, path: data/c.json, format: alpaca}\n")
+    stats = build(project)
+    assert [(r["source"], r["row"], r["reason"]) for r in rejects(project)] == [
+        ("a", 2, "bad_encoding"), ("b", 2, "bad_encoding"), ("c", 2, "bad_encoding")]
+    assert "byte 0xe8" in rejects(project)[0]["detail"]
+    assert [stats["sources"][s]["usable"] for s in "abc"] == [3, 2, 1]
+
+
+def test_a_source_outside_the_project_is_read_and_keyed_by_content(project, tmp_path):
+    outside = tmp_path / "shared-disk" / "rows.jsonl"
+    outside.parent.mkdir()
+    outside.write_text(alpaca(("Name a fruit.", "An apple."), ("Name a tree.", "An oak.")))
+    write_recipe(project, f"sources:\n  - {{name: ext, path: {outside}, format: alpaca}}\n")
+    build(project)
+    assert {r["file"] for r in rows(project)} == {outside.as_posix()}
+    from builder.plan import plan_stages
+
+    def dataset_key() -> str:
+        loaded = load_project(project)
+        return {s.name: s.key for s in plan_stages(loaded.load_recipe("r"), loaded)}["dataset"]
+
+    before = dataset_key()
+    outside.write_text(alpaca(("Name a fruit.", "A pear."), ("Name a tree.", "An oak.")))
+    assert dataset_key() != before
+
+
+def test_a_null_field_is_named_as_null(project):
+    (project / "data" / "a.jsonl").write_text(
+        alpaca(("Say hi.", "Hi."), ("Say yo.", "Yo.")) + json.dumps({"instruction": None, "output": "x"}) + "\n")
+    write_recipe(project, "mixture: {eval_fraction: 0.0, max_reject_rate: 0.5}\n"
+                          "sources:\n  - {name: a, path: data/a.jsonl, format: alpaca}\n")
+    build(project)
+    assert [(r["reason"], r["detail"]) for r in rejects(project)] == [("missing_field", "'instruction' is null")]
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '### User:\\n' + m['content'] + '\\n\\n' }}"
+                  "{% elif m['role'] == 'assistant' %}{{ '### Assistant:\\n' + m['content'] + '\\n\\n' }}{% endif %}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}")
+
+
+def test_a_template_without_end_of_turn_trains_an_appended_eos(project, tiny_tokenizer, capsys):
+    (project / "plain.jinja").write_text(PLAIN_TEMPLATE)
+    chats = [{"conversations": [{"from": "human", "value": f"Count to {i}."}, {"from": "gpt", "value": f"{i}."},
+                                {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "Yes."}]}
+             for i in range(1, 4)]
+    (project / "data" / "c.json").write_text(json.dumps(chats))
+    (project / "data" / "a.jsonl").write_text(alpaca(("Say hi.", "Hi."), ("Say yo.", "Yo.")))
+    sources = ("sources:\n  - {name: a, path: data/a.jsonl, format: alpaca}\n"
+               "  - {name: c, path: data/c.json, format: sharegpt}\n")
+    (project / "recipes" / "r.yaml").write_text("name: r\nbase: {model: models/tok}\ntemplate: plain.jinja\n"
+                                                "mixture: {eval_fraction: 0.0}\n" + sources)
+    build(project)
+    eos = tiny_tokenizer.eos_token_id
+    examples = rows(project)
+    assert len(examples) == 5
+    for row in examples:
+        trained = [t for t in row["labels"] if t != -100]
+        answers = sum(m["role"] == "assistant" for m in row["messages"])
+        assert trained.count(eos) == answers  # one EOS after every answer, each trained
+        assert row["text"].count(tiny_tokenizer.eos_token) == answers
+    multi = next(r for r in examples if len(r["messages"]) == 4)
+    assert f"### Assistant:\n1.{tiny_tokenizer.eos_token}\n\n### User:\nAgain?" in multi["text"]
+    # The alternative keeps the template's text: a warning says the model will not learn to stop.
+    text = (project / "recipes" / "r.yaml").read_text()
+    (project / "recipes" / "r.yaml").write_text(text.replace("template: plain.jinja\n",
+                                                             "template: plain.jinja\nno_end_of_turn: keep\n"))
+    capsys.readouterr()
+    build(project)
+    assert "will not learn to stop" in capsys.readouterr().err
+    assert all(eos not in r["input_ids"] for r in rows(project))

@@ -192,7 +192,12 @@ def test_qlora_on_a_machine_without_cuda_fails_validation_with_file_and_line(tmp
 
 def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
     """torchrun with 2 CPU processes (gloo DDP): each trains its share of every step; rank 0 alone
-    publishes. Same adapter bytes as one process accumulating over the same micro-batches."""
+    publishes. The same adapter as one process accumulating over the same micro-batches, within
+    float tolerance: not bit for bit, since torchrun runs each process on one thread and sums
+    gradients across processes in another order, and CPU GEMM results depend on both."""
+    import torch
+    from safetensors.torch import load_file
+
     import os
     import subprocess
     import sys
@@ -209,8 +214,16 @@ def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
     assert done.stdout.count("r/train: built") == 1  # rank 0 reports, rank 1 does not
     summary = json.loads((two / "build/r/train/manifest.json").read_text())["summary"]
     assert (summary["processes"], summary["steps"], summary["micro_batches"]) == (2, 5, 9)
-    for name in ("adapter_model.safetensors", "loss.csv"):
-        assert (two / "build/r/train" / name).read_bytes() == (one / "build/r/train" / name).read_bytes(), name
+    ours, theirs = (load_file(str(p / "build/r/train/adapter_model.safetensors")) for p in (two, one))
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6), name
+    # Training did move the adapter: a wrong split of the work would differ far beyond the tolerance.
+    assert any(not torch.allclose(ours[n], torch.zeros_like(ours[n]), atol=1e-4) for n in ours if "lora_B" in n)
+    rows = [[line.split(",") for line in (p / "build/r/train/loss.csv").read_text().splitlines()] for p in (two, one)]
+    assert [r[:2] for r in rows[0]] == [r[:2] for r in rows[1]]  # header, steps and epochs
+    for a, b in zip(rows[0][1:], rows[1][1:]):
+        assert [float(x) for x in a[2:]] == pytest.approx([float(x) for x in b[2:]], rel=1e-4, abs=1e-7)
     assert sorted(p.name for p in (two / "build/r").iterdir()) == [".lock", "base", "dataset", "train"]
 
 

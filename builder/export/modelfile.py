@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.templates import builtin_name, end_of_turn_marker
+from builder.templates import builtin_name, stop_texts
 
 # Go templates for the built-in formats. {BOS} is replaced by the BOS text where the Jinja template
 # writes it and llama.cpp does not add one itself (tokenizer.ggml.add_bos_token false); {EOS} by
@@ -136,11 +136,15 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def render_modelfile(gguf_file: str, template: str, bos_token: str, eos_token: str, add_bos: bool) -> str:
-    """Modelfile text for `gguf_file` (a name in the same folder) trained with `template`."""
+def render_modelfile(gguf_file: str, template: str, bos_token: str, eos_token: str, add_bos: bool,
+                     no_end_of_turn: str = "append_eos") -> str:
+    """Modelfile text for `gguf_file` (a name in the same folder) trained with `template`. A template
+    without an end-of-turn token stops on EOS (appended in training) and on the next turn's opener."""
     name = builtin_name(template)
-    marker = end_of_turn_marker(template, bos_token=bos_token, eos_token=eos_token).strip()
-    stops = list(dict.fromkeys([marker, *TURN_OPENERS.get(name, []), *([eos_token] if eos_token else [])]))
+    trained = stop_texts(template, no_end_of_turn, bos_token=bos_token, eos_token=eos_token)
+    opener = stop_texts(template, "keep", bos_token=bos_token, eos_token=eos_token)
+    stops = [s for s in dict.fromkeys([*trained, *TURN_OPENERS.get(name, []), *opener,
+                                       *([eos_token] if eos_token else [])]) if s]
     lines = ["# Ollama Modelfile written by tunefile; use it with `ollama create NAME -f Modelfile`.",
              f"FROM ./{gguf_file}"]
     if name is not None:
@@ -155,8 +159,8 @@ def render_modelfile(gguf_file: str, template: str, bos_token: str, eos_token: s
     return "\n".join(lines) + "\n"
 
 
-def read_gguf_chat_settings(path: Path) -> tuple[str, str, str, bool]:
-    """(chat template, BOS text, EOS text, add_bos) from a GGUF's metadata."""
+def read_gguf_chat_settings(path: Path) -> tuple[str, str, str, bool, str]:
+    """(chat template, BOS text, EOS text, add_bos, no_end_of_turn policy) from a GGUF's metadata."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
@@ -174,12 +178,12 @@ def read_gguf_chat_settings(path: Path) -> tuple[str, str, str, bool]:
     if not isinstance(template, str):
         raise ValueError(f"{path} carries no tokenizer.chat_template")
     return (template, token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id"),
-            bool(field("tokenizer.ggml.add_bos_token")))
+            bool(field("tokenizer.ggml.add_bos_token")), field("tunefile.no_end_of_turn") or "append_eos")
 
 
 def write_modelfile(gguf_path: Path) -> Path:
     """Write `Modelfile` beside the GGUF, from the GGUF's own template and tokens; return its path."""
-    template, bos, eos, add_bos = read_gguf_chat_settings(gguf_path)
+    template, bos, eos, add_bos, policy = read_gguf_chat_settings(gguf_path)
     out = gguf_path.parent / "Modelfile"
-    out.write_text(render_modelfile(gguf_path.name, template, bos, eos, add_bos), encoding="utf-8")
+    out.write_text(render_modelfile(gguf_path.name, template, bos, eos, add_bos, policy), encoding="utf-8")
     return out

@@ -65,6 +65,7 @@ def shard_key(ctx: StageContext, spec: SourceSpec, template: str) -> str:
         "train_on": recipe.train.train_on,
         "max_length": recipe.train.max_length,
         "system_prompt": recipe.system_prompt,
+        **({"no_end_of_turn": recipe.no_end_of_turn} if recipe.no_end_of_turn != "append_eos" else {}),
         "libraries": ctx.stage.inputs["libraries"],
     })
 
@@ -92,7 +93,7 @@ def build_shard(spec: SourceSpec, recipe: Recipe, root: Path, template: str, tok
     with progress(len(kept), f"{spec.name}: render + tokenize") as bar:
         for start in range(0, len(kept), CHUNK):
             part, bad = tokenize_examples(kept[start:start + CHUNK], template, tokenizer(), recipe.train.train_on,
-                                          recipe.train.max_length, recipe.system_prompt)
+                                          recipe.train.max_length, recipe.system_prompt, recipe.no_end_of_turn)
             examples += part
             rejects += bad
             bar.update(len(kept[start:start + CHUNK]))
@@ -189,7 +190,11 @@ def decontaminate(recipe: Recipe, root: Path, tables: dict, eval_rows: dict[str,
     spec = recipe.decontaminate
     index = NgramIndex(spec.ngram)
     for path in spec.files:
-        for text in read_benchmark_texts(root / path):
+        try:
+            texts = read_benchmark_texts(root / path)
+        except ValueError as exc:
+            raise DataError(f"decontaminate.files: {exc}") from None
+        for text in texts:
             index.add(text)
     if spec.against_eval:
         for source, rows in eval_rows.items():
@@ -228,6 +233,24 @@ def _row_of(table, i: int) -> tuple[str, int]:
     return row["file"], row["row"]
 
 
+def warn_if_never_stops(recipe: Recipe, report, eos_token: str | None) -> None:  # noqa: ANN001
+    """A template without an end-of-turn token trains a model that cannot stop, unless EOS is
+    appended (no_end_of_turn: append_eos, the default): fail when there is no EOS to append, warn
+    when the recipe keeps the text as is."""
+    import sys
+
+    if report.end_of_turn:
+        return
+    if recipe.no_end_of_turn == "append_eos" and not eos_token:
+        raise DataError(f"template '{recipe.template}' writes no end-of-turn token and the base tokenizer has "
+                        "no eos_token to append after each answer; use a template that closes turns, or set "
+                        "no_end_of_turn: keep (the model will not learn to stop)")
+    if recipe.no_end_of_turn == "keep":
+        print(f"warning: template '{recipe.template}' writes no end-of-turn token and no_end_of_turn is keep: "
+              "the model will not learn to stop and will run on into the next turn; remove no_end_of_turn to "
+              "append and train EOS", file=sys.stderr)
+
+
 def run(ctx: StageContext) -> dict:
     import pyarrow as pa
 
@@ -237,11 +260,13 @@ def run(ctx: StageContext) -> dict:
     template = read_template(recipe.template, root, base_dir)
     # A template that cannot train (no end-of-turn marker, drops a role, not prefix-stable, marks
     # nothing) fails here, before any source is read, rather than as a dataset of rejects.
+    tokens = {"bos_token": None, "eos_token": None, **special_tokens(base_dir)}
     try:
-        check_template(template, train_on=recipe.train.train_on, with_system=recipe.system_prompt is not None,
-                       **{"bos_token": None, "eos_token": None, **special_tokens(base_dir)})
+        report = check_template(template, train_on=recipe.train.train_on,
+                                with_system=recipe.system_prompt is not None, **tokens)
     except TemplateError as exc:
         raise DataError(f"template '{recipe.template}' cannot be trained on ({exc.reason}): {exc}") from exc
+    warn_if_never_stops(recipe, report, tokens["eos_token"])
 
     @functools.cache
     def tokenizer():  # loaded only when a shard must be built (transformers is slow to import)
@@ -300,7 +325,7 @@ def run(ctx: StageContext) -> dict:
     for spec, count in zip(recipe.sources, counts):
         if count and not pools[spec.name]:
             raise DataError(f"source '{spec.name}' has no training example left after the eval split and "
-                            "decontamination, but the mixture asks for {count}")
+                            f"decontamination, but the mixture asks for {count}")
         # One RNG per source: editing one source does not reshuffle another's sample.
         picked = sample_examples(pools[spec.name], count, random.Random(f"{mixture.seed}:{spec.name}"))
         part = sampled[spec.name] = _take(tables[spec.name], picked)

@@ -18,7 +18,7 @@ import time
 
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
-from builder.templates import end_of_turn_marker, read_template, saved_chat_template
+from builder.templates import append_eos, read_template, render_chat, saved_chat_template, stop_texts
 
 EVAL_EXAMPLES = 8
 MAX_NEW_TOKENS = 32
@@ -48,7 +48,8 @@ def _token_text(llm, token_id: int) -> str:
     return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
 
 
-def _format_chat(llm, template: str, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+def _format_chat(llm, template: str, messages: list[dict], add_generation_prompt: bool,
+                 edit=None) -> tuple[str, list[int]]:  # noqa: ANN001
     """What llama-cpp-python's chat handler feeds the model: the GGUF template rendered by its Jinja
     formatter, tokenized with special tokens and no extra BOS (the formatter owns BOS)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -57,15 +58,29 @@ def _format_chat(llm, template: str, messages: list[dict], add_generation_prompt
                                     bos_token=_token_text(llm, llm.token_bos()),
                                     add_generation_prompt=add_generation_prompt)
     result = formatter(messages=messages)
-    return result.prompt, llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+    prompt = edit(result.prompt) if edit else result.prompt  # edit: what training did to the text
+    return prompt, llm.tokenize(prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+
+def _policy(llm) -> str:  # noqa: ANN001
+    return llm.metadata.get("tunefile.no_end_of_turn", "append_eos")
 
 
 def template_round_trip(llm, template: str, row: dict) -> dict:
-    """Render the eval conversation with the GGUF's own template through llama-cpp-python."""
+    """Render the eval conversation with the GGUF's own template through llama-cpp-python. For a
+    template without an end-of-turn token trained with append_eos, the EOS training appended after
+    each answer is put in the same places before comparing tokens."""
     stored = llm.metadata.get("tokenizer.chat_template")
     if stored is None:
         return {"template_equal": False, "tokens_equal": False}
-    _, tokens = _format_chat(llm, stored, row["messages"], add_generation_prompt=False)
+    eos = _token_text(llm, llm.token_eos())
+
+    def appended(text: str) -> str:
+        rendered = render_chat(stored, row["messages"], bos_token=_token_text(llm, llm.token_bos()), eos_token=eos)
+        return append_eos(rendered, eos).text if rendered.text == text else text
+
+    edit = appended if _policy(llm) == "append_eos" and eos else None
+    _, tokens = _format_chat(llm, stored, row["messages"], add_generation_prompt=False, edit=edit)
     return {"template_equal": stored == template, "tokens_equal": tokens == list(row["input_ids"])}
 
 
@@ -79,16 +94,16 @@ def template_checks(llm, template: str, row: dict, merged_template: str | None) 
     text, prompt = _format_chat(llm, stored, messages[:last_answer], add_generation_prompt=True)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
-    marker = end_of_turn_marker(template, bos_token=bos, eos_token=eos).strip()
-    marker_tokens = llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+    stops = [llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+             for s in stop_texts(template, _policy(llm), bos_token=bos, eos_token=eos)]
     # llama.cpp's server path tokenizes the rendered prompt adding BOS when the GGUF asks for it.
     with_bos = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
     return {
         "merged_template_equal": merged_template == template,
         "chat_format_is_gguf_template": llm.chat_format == "chat_template.default",
         "prompt_tokens_prefix_training": list(row["input_ids"][: len(prompt)]) == prompt,
-        "end_of_turn_is_stop_token": (len(marker_tokens) == 1
-                                      and bool(llama_cpp.llama_vocab_is_eog(vocab, marker_tokens[0]))),
+        "end_of_turn_is_stop_token": bool(stops) and all(
+            len(t) == 1 and bool(llama_cpp.llama_vocab_is_eog(vocab, t[0])) for t in stops),
         "no_double_bos": with_bos[:2] != [llm.token_bos()] * 2,
     }
 

@@ -18,7 +18,11 @@ BUILTIN_PRE_TOKENIZER = "gpt-2"
 
 
 def lineage_metadata(ctx: StageContext) -> dict[str, str]:
+    # The no_end_of_turn policy is written only off its default (absent means append_eos), so files
+    # built before the key existed keep their bytes; the Modelfile and eval read it from here.
+    policy = {"tunefile.no_end_of_turn": ctx.recipe.no_end_of_turn} if ctx.recipe.no_end_of_turn != "append_eos" else {}
     return {
+        **policy,
         "tunefile.version": __version__,
         "tunefile.recipe": ctx.recipe.name,
         "tunefile.base_model": ctx.recipe.base.model,

@@ -256,4 +256,6 @@ def run(ctx: StageContext) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         clear_checkpoints(folder)
-    return {**metrics, "resumed_from_step": start, "processes": world}
+    # CPU results depend on the thread count (GEMM kernels split sums by thread): recorded, so two
+    # manifests show whether their bytes could be expected to match.
+    return {**metrics, "resumed_from_step": start, "processes": world, "torch_threads": torch.get_num_threads()}

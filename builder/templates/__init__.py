@@ -19,14 +19,15 @@ from pathlib import Path
 
 from builder.templates.errors import TemplateError
 from builder.templates.sandbox import compile_template, has_generation_markers, render_template
-from builder.templates.spans import TRAIN_ON, RenderedChat, end_of_turn_marker, render_chat
+from builder.templates.spans import (NO_END_OF_TURN, TRAIN_ON, RenderedChat, append_eos, end_of_turn_marker,
+                                     end_of_turn_markers, render_chat, stop_texts)
 
 TEMPLATE_DIR = Path(__file__).parent
 BUILTIN_TEMPLATES = {p.stem: p for p in sorted(TEMPLATE_DIR.glob("*.jinja"))}
 
-__all__ = ["BUILTIN_TEMPLATES", "TRAIN_ON", "RenderedChat", "TemplateError", "builtin_name", "compile_template",
-           "end_of_turn_marker", "has_generation_markers", "read_template", "render_chat", "render_template",
-           "saved_chat_template", "special_tokens"]
+__all__ = ["BUILTIN_TEMPLATES", "NO_END_OF_TURN", "TRAIN_ON", "RenderedChat", "TemplateError", "append_eos",
+           "builtin_name", "compile_template", "end_of_turn_marker", "end_of_turn_markers", "has_generation_markers",
+           "read_template", "render_chat", "render_template", "saved_chat_template", "special_tokens", "stop_texts"]
 
 
 def saved_chat_template(model_dir: Path) -> str | None:

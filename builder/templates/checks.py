@@ -85,7 +85,7 @@ def check_template(template_source: str, bos_token: str | None = "<s>", eos_toke
     closed = _render(template_source, prompt, plain, False)
     opened = _render(template_source, prompt, plain, True)
     return TemplateReport(
-        end_of_turn=end_of_turn_marker(template_source, **plain).strip(),
+        end_of_turn=end_of_turn_marker(template_source, **plain).strip(),  # "": the template has none
         generation_prompt=opened[common_start(closed, opened):],
         writes_bos=bool(bos_token) and result.text.startswith(bos_token),
         generation_markers=has_generation_markers(template_source),

@@ -14,9 +14,13 @@ How the spans are found, for any template, in two renders (both linear in the co
 3. The end-of-turn marker is learnt once per template from a probe conversation: the text that
    follows an assistant message both mid-conversation and at the end, trailing whitespace
    dropped (`<|im_end|>`, `<|eot_id|>`, ` </s>`, `<end_of_turn>`, `<|end|>` ...).
-A trained span is an assistant message's content plus the marker right after it. An assistant
-message the text does not contain, a system or user message the template silently leaves out, or
-a trained answer with no marker after it is a TemplateError with a countable `reason`.
+   A template that writes no end-of-turn token at all (older instruct formats that separate turns
+   with a blank line or the next role's header: `### Assistant: ...\n\n### User: ...`) has only
+   a whitespace separator there: `EndOfTurn.has_token` is False, and the dataset stage's policy
+   (`no_end_of_turn`) decides whether EOS is appended after each answer (`append_eos`).
+A trained span is an assistant message's content plus the marker (or separator) right after it.
+An assistant message the text does not contain, a system or user message the template silently
+leaves out, or a trained answer with no marker after it is a TemplateError with a countable `reason`.
 """
 from __future__ import annotations
 
@@ -43,6 +47,10 @@ _SKELETONS: dict[tuple[str, str, tuple], str | None] = {}
 class RenderedChat:
     text: str
     trained_spans: list[tuple[int, int]]
+    # Where the template writes no end-of-turn token: the end of each trained answer's content,
+    # where `append_eos` puts the EOS token. Empty for templates that close turns themselves.
+    turn_ends: tuple[int, ...] = ()
+    appended: tuple[tuple[int, int], ...] = ()  # spans of text tunefile added (the appended EOS)
 
 
 def template_variables(bos_token: str | None, eos_token: str | None, add_generation_prompt: bool,
@@ -94,9 +102,13 @@ def _render(source: str, messages: list[dict], variables: dict) -> str:
 class EndOfTurn:
     """What closes an assistant turn: `middle` before another turn, `final` at the end of the
     conversation. Equal for most templates; gpt-oss-like ones close history answers with one
-    token (`<|end|>`) and the final answer with another (`<|return|>`)."""
+    token (`<|end|>`) and the final answer with another (`<|return|>`). A template with no
+    end-of-turn token has only whitespace (or nothing) there: has_token is False, and `opener`
+    is the text that opens the next turn (`### User:`), the only sign that an answer ended."""
     middle: str
     final: str
+    has_token: bool = True
+    opener: str = ""
 
 
 def end_of_turn_markers(source: str, **variables) -> EndOfTurn:
@@ -109,6 +121,21 @@ def end_of_turn_markers(source: str, **variables) -> EndOfTurn:
             _MARKERS.clear()
         _MARKERS[key] = _learn_markers(source, variables)
     return _MARKERS[key]
+
+
+NO_END_OF_TURN = ("append_eos", "keep")
+
+
+def stop_texts(source: str, policy: str = "append_eos", **variables) -> list[str]:
+    """What generation should stop on for a model trained with this template: its end-of-turn
+    marker; for a template without one, EOS under `append_eos`, else the next turn's opener."""
+    markers = end_of_turn_markers(source, **variables)
+    if markers.has_token:
+        return list(dict.fromkeys([markers.middle.strip(), markers.final.strip()]))
+    closer = [markers.final.strip()] if markers.final.strip() else []
+    if policy == "append_eos" and variables.get("eos_token"):
+        return list(dict.fromkeys([variables["eos_token"], *closer]))
+    return closer or ([markers.opener] if markers.opener else [])
 
 
 def end_of_turn_marker(source: str, **variables) -> str:
@@ -141,10 +168,17 @@ def _learn_markers(source: str, variables: dict) -> EndOfTurn:
             return EndOfTurn(*[_through_eos(common, after_first, after_last, variables.get("eos_token"))] * 2)
         if middle.strip() and after_last.strip():  # different markers by position: <|end|>, <|return|>
             return EndOfTurn(middle.rstrip(), after_last.rstrip())
-        raise TemplateError("the template writes nothing after an assistant message that it does not "
-                            "also write before the next turn, so the model would never learn to stop; "
-                            "add an end-of-turn token (eos)", reason="no_end_of_turn")
+        # No end-of-turn token: the answer is followed by a separator (whitespace) and, mid-
+        # conversation, by the next turn's opener. Some such templates still close the whole
+        # conversation with EOS: the final answer keeps that as its marker.
+        final = after_last.rstrip() if after_last.strip() else _leading_space(after_last)
+        return EndOfTurn(_leading_space(after_first), final, has_token=False,
+                         opener=after_first.strip().splitlines()[0].strip() if after_first.strip() else "")
     raise TemplateError("the template refuses a plain user/assistant conversation: " + "; ".join(refusals))
+
+
+def _leading_space(text: str) -> str:
+    return text[:len(text) - len(text.lstrip())]
 
 
 def _through_eos(marker: str, after_first: str, after_last: str, eos: str | None) -> str:
@@ -353,7 +387,7 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str | Non
         return RenderedChat(text, [])
     markers = end_of_turn_markers(template_source, **variables)
     starts = sorted(start for found in positions for start, _ in found)
-    spans = []
+    spans, turn_ends = [], []
     for i in trained:
         content = messages[i].get("content")
         if not isinstance(content, str) or (messages[i].get("tool_calls") and not content.strip()):
@@ -368,6 +402,10 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str | Non
             k = bisect.bisect_left(starts, end + (start == end))
             limit = starts[k] if k < len(starts) else len(text)
             marker = markers.middle if k < len(starts) else markers.final
+            if not markers.has_token and not marker.strip():  # the content and the separator after it, if any
+                turn_ends.append(end)
+                spans.append((start, end + len(os.path.commonprefix([text[end:limit], marker]))))
+                continue
             stop = _after_marker(text, end, marker, limit)
             if stop is None and marker != markers.middle:  # a final answer closed as a middle one
                 stop = _after_marker(text, end, markers.middle, limit)  # (add_generation_prompt)
@@ -376,7 +414,29 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str | Non
                                     f"{marker!r}, so the model would not learn to stop there",
                                     reason="no_end_of_turn")
             spans.append((start, stop))
-    return RenderedChat(text, _merge(spans))
+    return RenderedChat(text, _merge(spans), turn_ends=tuple(sorted(set(turn_ends))))
+
+
+def append_eos(rendered: RenderedChat, eos_token: str) -> RenderedChat:
+    """The `append_eos` policy for templates without an end-of-turn token: EOS written right after
+    each trained answer's content (before the separator) and trained, as FastChat and Axolotl do,
+    so the model learns to stop. `appended` records where it went (for preview)."""
+    if not rendered.turn_ends:
+        return rendered
+    pieces, appended, shift, last = [], [], 0, 0
+    for end in rendered.turn_ends:
+        pieces += [rendered.text[last:end], eos_token]
+        appended.append((end + shift, end + shift + len(eos_token)))
+        shift += len(eos_token)
+        last = end
+    pieces.append(rendered.text[last:])
+
+    def moved(pos: int, inclusive: bool) -> int:  # a position after n insertions moves by n * len(eos)
+        n = bisect.bisect_right(rendered.turn_ends, pos) if inclusive else bisect.bisect_left(rendered.turn_ends, pos)
+        return pos + n * len(eos_token)
+
+    spans = [(moved(a, False), moved(b, True)) for a, b in rendered.trained_spans]
+    return RenderedChat("".join(pieces), spans, turn_ends=(), appended=tuple(appended))
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builder.templates.errors import TemplateError
-from builder.templates.spans import RenderedChat, render_chat
+from builder.templates.spans import RenderedChat, append_eos, render_chat
 
 IGNORE_INDEX = -100
 
@@ -93,27 +93,44 @@ def _labelled(rendered: RenderedChat, ids: list[int], offsets: list[tuple[int, i
     return TokenizedChat(rendered.text, rendered.trained_spans, list(ids), labels, list(offsets))
 
 
+def apply_policy(rendered: RenderedChat, no_end_of_turn: str, eos_token: str | None) -> RenderedChat:
+    """The recipe's `no_end_of_turn` policy on a render whose template writes no end-of-turn token."""
+    if not rendered.turn_ends or no_end_of_turn != "append_eos":
+        return rendered
+    if not eos_token:
+        raise TemplateError("the template writes no end-of-turn token and the tokenizer has no eos_token to "
+                            "append; set no_end_of_turn: keep or use a template that closes turns",
+                            reason="no_end_of_turn")
+    return append_eos(rendered, eos_token)
+
+
 def tokenize_chat(template_source: str, messages: list[dict], tokenizer, train_on: str = "all_assistant",  # noqa: ANN001
-                  add_generation_prompt: bool = False, **extra) -> TokenizedChat:
+                  add_generation_prompt: bool = False, no_end_of_turn: str = "append_eos",
+                  **extra) -> TokenizedChat:
     """Render, tokenize and label one conversation; raise TemplateError (with a countable
     `reason`) for a doubled BOS, or for a training example (no generation prompt) in which no
-    token carries loss."""
+    token carries loss. A template without an end-of-turn token gets EOS appended after each
+    trained answer unless no_end_of_turn is `keep`."""
     variables = {**template_tokens(tokenizer), **extra}
     rendered = render_chat(template_source, messages, add_generation_prompt=add_generation_prompt,
                            train_on=train_on, **variables)
+    if not add_generation_prompt:
+        rendered = apply_policy(rendered, no_end_of_turn, variables.get("eos_token"))
     (ids, offsets), = encode_texts(tokenizer, [rendered.text])
     return _labelled(rendered, ids, offsets, tokenizer.bos_token_id, add_generation_prompt)
 
 
 def tokenize_chats(template_source: str, conversations: list[list[dict]], tokenizer,  # noqa: ANN001
-                   train_on: str = "all_assistant", **extra) -> list[TokenizedChat | TemplateError]:
+                   train_on: str = "all_assistant", no_end_of_turn: str = "append_eos",
+                   **extra) -> list[TokenizedChat | TemplateError]:
     """tokenize_chat for many training conversations, tokenized in one batch. A conversation the
     template refuses gets its TemplateError in its place (to count as a reject by `.reason`)."""
     variables = {**template_tokens(tokenizer), **extra}
     results: list[RenderedChat | TemplateError | TokenizedChat] = []
     for messages in conversations:
         try:
-            results.append(render_chat(template_source, messages, train_on=train_on, **variables))
+            rendered = render_chat(template_source, messages, train_on=train_on, **variables)
+            results.append(apply_policy(rendered, no_end_of_turn, variables.get("eos_token")))
         except TemplateError as exc:
             results.append(exc)
     encoded = iter(encode_texts(tokenizer, [r.text for r in results if isinstance(r, RenderedChat)]))
