@@ -62,18 +62,27 @@ class StageStore:
         except OSError:  # someone stored the same key first
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def get(self, key: str, dst: Path) -> bool:
-        """Materialise the entry into the empty folder dst; False (and the entry dropped) when it is
-        missing or any file's digest no longer matches."""
+    def verified(self, key: str) -> Path | None:
+        """The entry's folder, to read in place, if it is there and every file's digest matches;
+        None (and a damaged entry dropped) otherwise."""
         entry = self.entry(key)
         try:
             index = json.loads((entry / INDEX).read_text())
         except (OSError, ValueError):
-            return False
+            return None
         for rel, digest in index.items():
             if not (entry / rel).is_file() or hash_file(entry / rel) != digest:
                 shutil.rmtree(entry, ignore_errors=True)
-                return False
+                return None
+        return entry
+
+    def get(self, key: str, dst: Path) -> bool:
+        """Materialise the entry into the empty folder dst; False (and the entry dropped) when it is
+        missing or any file's digest no longer matches."""
+        entry = self.verified(key)
+        if entry is None:
+            return False
+        index = json.loads((entry / INDEX).read_text())
         for rel in index:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(entry / rel, dst / rel)

@@ -251,3 +251,65 @@ def read_benchmark_texts(path: Path) -> list[str]:
     elif not isinstance(data, list):
         raise ValueError(f"{path}: top level is {type(data).__name__}; expected a list or an object of lists")
     return _strings(data)
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """The user and assistant contents of a conversation, for near-dedup and decontamination."""
+    return "\n".join(m["content"] for m in messages if m["role"] != "system")
+
+
+class Deduplicator:
+    """Across sources, in source order: the first occurrence wins (exact: the normalised
+    conversation's digest; near: MinHash/LSH over word 5-grams, confirmed by exact Jaccard).
+    Memory: a digest per example (~100 bytes a row in Python: ~100 MB per million rows), and for
+    `near` the LSH bands and shingle sets of the examples kept (~1 KB a row: ~1 GB per million)."""
+
+    def __init__(self, mode: str, threshold: float, seed: int):
+        self.mode, self.seen, self.near = mode, {}, None
+        if mode == "near":
+            self.near = NearDuplicateIndex(threshold=threshold, seed=seed)
+        self.count = 0
+
+    def check(self, digest: str, messages: list[dict] | None, where: str) -> tuple[str, str] | None:
+        if self.mode == "none":
+            return None
+        if digest in self.seen:
+            return "duplicate", f"same as {self.seen[digest]}"
+        self.seen[digest] = where
+        if self.near is not None:
+            self.count += 1
+            twin = self.near.add(self.count, conversation_text(messages))
+            if twin is not None:
+                return "near_duplicate", f"near-duplicate of an earlier example (#{twin} in source order)"
+        return None
+
+
+def decontaminate(recipe, root: Path, sources: dict, eval_rows: dict[str, set[int]],  # noqa: ANN001
+                  pools: dict[str, list[int]]) -> dict[str, list[tuple[int, str]]]:
+    """Train rows sharing a word n-gram with an eval example or a benchmark file: {source: [(row, n-gram)]}.
+    Memory: the n-gram hashes of the eval split and benchmark files only (8 bytes an n-gram)."""
+    from builder.errors import DataError
+
+    spec = recipe.decontaminate
+    index = NgramIndex(spec.ngram)
+    for path in spec.files:
+        try:
+            texts = read_benchmark_texts(root / path)
+        except ValueError as exc:
+            raise DataError(f"decontaminate.files: {exc}") from None
+        for text in texts:
+            index.add(text)
+    if spec.against_eval:
+        for name, rows in eval_rows.items():
+            for i, messages in enumerate(sources[name].messages()):
+                if i in rows:
+                    index.add(conversation_text(messages))
+    hits: dict[str, list[tuple[int, str]]] = {}
+    for name, pool in pools.items():
+        wanted = set(pool)
+        for i, messages in enumerate(sources[name].messages()):
+            if i in wanted:
+                overlap = index.first_overlap(conversation_text(messages))
+                if overlap is not None:
+                    hits.setdefault(name, []).append((i, overlap))
+    return hits

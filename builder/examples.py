@@ -13,16 +13,30 @@ from builder.hashing import hash_value
 from builder.records import Conversation, with_system_prompt
 from builder.sources import Reject
 from builder.templates import TemplateError
-from builder.templates.tokens import IGNORE_INDEX, tokenize_chats
+from builder.templates.tokens import IGNORE_INDEX, TokenBatch, tokenize_batch
 
 
 @dataclass(frozen=True)
-class Example:
-    conversation: Conversation
-    digest: str  # of the normalised conversation as the source gave it: the dedup and split key
-    text: str
-    input_ids: list[int]
-    labels: list[int]
+class Examples:
+    """Tokenized examples of one batch: the conversations as trained (system prompt added), their
+    digests, and their rows of a TokenBatch (ids and labels as flat arrays)."""
+    conversations: list[Conversation]
+    digests: list[str]  # of the normalised conversation as the source gave it: the dedup and split key
+    batch: TokenBatch
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lengths(self):  # noqa: ANN201
+        import numpy as np
+
+        bounds = self.batch.bounds
+        return (bounds[1:] - bounds[:-1])[np.asarray(self.rows, dtype=np.int64)] if self.rows else np.zeros(0, np.int64)
+
+    def keep(self, mask: list[bool]) -> "Examples":
+        return Examples([c for c, m in zip(self.conversations, mask) if m], [d for d, m in zip(self.digests, mask) if m],
+                        self.batch, [r for r, m in zip(self.rows, mask) if m])
 
 
 def conversation_digest(conversation: Conversation) -> str:
@@ -32,24 +46,29 @@ def conversation_digest(conversation: Conversation) -> str:
 
 def tokenize_examples(conversations: list[Conversation], template: str, tokenizer, train_on: str,
                       max_length: int, system_prompt: str | None = None,
-                      no_end_of_turn: str = "append_eos") -> tuple[list[Example], list[Reject]]:
-    """Render, tokenize and label (ids and labels built together by tokenize_chats); return the
+                      no_end_of_turn: str = "append_eos") -> tuple[Examples, list[Reject]]:
+    """Render, tokenize and label (ids and labels built together by tokenize_batch); return the
     examples and the rejects, each with the template's countable reason."""
-    if not conversations:
-        return [], []
     finals = [with_system_prompt(conv, system_prompt) for conv in conversations]
-    results = tokenize_chats(template, [final.to_dicts() for final in finals], tokenizer, train_on=train_on,
-                             no_end_of_turn=no_end_of_turn)
-    examples, rejects = [], []
+    batch, results = tokenize_batch(template, [final.to_dicts() for final in finals], tokenizer, train_on=train_on,
+                                    no_end_of_turn=no_end_of_turn)
+    kept, digests, rows, rejects = [], [], [], []
+    bounds = batch.bounds
     for conv, final, result in zip(conversations, finals, results):
         if isinstance(result, TemplateError):
             rejects.append(Reject(conv.source, conv.file, conv.row, result.reason, str(result)))
-        elif len(result.input_ids) > max_length:
+        elif bounds[result + 1] - bounds[result] > max_length:
             rejects.append(Reject(conv.source, conv.file, conv.row, "too_long",
-                                  f"{len(result.input_ids)} tokens > max_length {max_length}"))
+                                  f"{bounds[result + 1] - bounds[result]} tokens > max_length {max_length}"))
         else:
-            examples.append(Example(final, conversation_digest(conv), result.text, result.input_ids, result.labels))
-    return examples, rejects
+            kept.append(final)
+            digests.append(conversation_digest(conv))
+            rows.append(result)
+    return Examples(kept, digests, batch, rows), rejects
+
+
+# Shard-only columns: the dedup/split key and per-row counts, so mixing never reads token lists.
+SHARD_COLUMNS = ("digest", "tokens", "trained", "turns")
 
 
 def examples_schema(with_digest: bool = True):
@@ -59,46 +78,89 @@ def examples_schema(with_digest: bool = True):
     fields = [("source", pa.string()), ("file", pa.string()), ("row", pa.int64()),
               ("messages", pa.list_(message)), ("rejected", pa.string()), ("text", pa.string()),
               ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
-    return pa.schema(fields + [("digest", pa.string())] * with_digest)
+    shard = [("digest", pa.string()), ("tokens", pa.int32()), ("trained", pa.int32()), ("turns", pa.int32())]
+    return pa.schema(fields + shard * with_digest)
 
 
-def examples_table(examples: list[Example]):
-    """Examples as an Arrow table (the shard format; `digest` is dropped from the stage's outputs)."""
+def examples_table(examples: Examples):
+    """Examples as an Arrow table (the shard format; the shard-only columns are dropped from the
+    stage's outputs), built from flat arrays: no Python object per token."""
+    import numpy as np
     import pyarrow as pa
 
-    return pa.Table.from_pydict({
-        "source": [e.conversation.source for e in examples],
-        "file": [e.conversation.file for e in examples],
-        "row": [e.conversation.row for e in examples],
-        "messages": [e.conversation.to_dicts() for e in examples],
-        "rejected": [e.conversation.rejected for e in examples],
-        "text": [e.text for e in examples],
-        "input_ids": [e.input_ids for e in examples],
-        "labels": [e.labels for e in examples],
-        "digest": [e.digest for e in examples],
-    }, schema=examples_schema())
+    schema = examples_schema()
+    batch, convs = examples.batch, examples.conversations
+    rows = np.asarray(examples.rows, dtype=np.int64)
+    lengths = examples.lengths()
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    picked = np.zeros(len(batch.bounds) - 1, dtype=bool)
+    picked[rows] = True
+    tokens = np.repeat(picked, batch.bounds[1:] - batch.bounds[:-1])  # rows are increasing: a mask keeps order
+    ids, labels = batch.ids[tokens], batch.labels[tokens]
+    trained = np.add.reduceat((labels != IGNORE_INDEX).astype(np.int32), offsets[:-1]) if len(rows) else offsets[:0]
+    turns = [sum(m.role == "assistant" for m in c.messages) for c in convs]
+    message_offsets = np.zeros(len(convs) + 1, dtype=np.int32)
+    np.cumsum([len(c.messages) for c in convs], out=message_offsets[1:])
+    messages = pa.StructArray.from_arrays(
+        [pa.array([m.role for c in convs for m in c.messages], pa.string()),
+         pa.array([m.content for c in convs for m in c.messages], pa.string())], names=["role", "content"])
+    columns = {
+        "source": pa.array([c.source for c in convs], pa.string()),
+        "file": pa.array([c.file for c in convs], pa.string()),
+        "row": pa.array([c.row for c in convs], pa.int64()),
+        "messages": pa.ListArray.from_arrays(pa.array(message_offsets), messages),
+        "rejected": pa.array([c.rejected for c in convs], pa.string()),
+        "text": pa.array([batch.texts[r] for r in examples.rows], pa.string()),
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int32())),
+        "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels, pa.int32())),
+        "digest": pa.array(examples.digests, pa.string()),
+        "tokens": pa.array(lengths.astype(np.int32), pa.int32()),
+        "trained": pa.array(np.asarray(trained, dtype=np.int32), pa.int32()),
+        "turns": pa.array(turns, pa.int32()),
+    }
+    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
-def write_split(path: Path, table) -> None:
+WRITE_BATCH = 16384  # rows a split file is written in (one parquet row group each)
+
+
+def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
+    """Write the examples `refs` names ((source, row) pairs, in output order, repeats allowed) as a
+    split file, with memory flat in the number of rows: each needed row is gathered once, chunk by
+    chunk, into an uncompressed Arrow file beside the output; then the output is written in
+    batches of WRITE_BATCH rows taken from it in order (mapped and unmapped per batch)."""
+    import tempfile
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # One schema for tables built here and tables read back from a shard (parquet renames list
-    # items to "element"): the same rows must give the same bytes either way.
-    table = table.drop_columns(["digest"]).cast(examples_schema(with_digest=False)).combine_chunks()
-    pq.write_table(table, path, compression="zstd")
-
-
-def token_counts(table) -> tuple[list[int], list[int]]:
-    """Per row: number of tokens, and number of trained tokens (labels != -100)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    labels = table.column("labels").combine_chunks()
-    trained = np.bincount(pc.list_parent_indices(labels).to_numpy(),
-                          weights=(pc.list_flatten(labels).to_numpy() != IGNORE_INDEX), minlength=len(table))
-    return pc.list_value_length(labels).to_numpy().tolist(), trained.astype(int).tolist()
-
-
-def conversation_text(messages: list[dict]) -> str:
-    """The user and assistant contents of a conversation, for near-dedup and decontamination."""
-    return "\n".join(m["content"] for m in messages if m["role"] != "system")
+    schema = examples_schema(with_digest=False)
+    rank = {name: k for k, name in enumerate(sources)}
+    needed = sorted(set(refs), key=lambda ref: (rank[ref[0]], ref[1]))
+    position: dict[tuple[str, int], int] = {}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gather-") as tmp:
+        gathered = Path(tmp) / "rows.arrow"
+        with pa.ipc.new_file(str(gathered), schema) as writer:
+            start = 0
+            while start < len(needed):
+                name, first = needed[start]
+                rows, chunk = sources[name], sources[name].chunk_of[first]
+                end = start
+                while end < len(needed) and needed[end][0] == name and rows.chunk_of[needed[end][1]] == chunk:
+                    end += 1
+                table = pq.ParquetFile(rows.paths[chunk]).read(columns=schema.names)
+                part = table.take(pa.array([rows.local[i] for _, i in needed[start:end]], type=pa.int64()))
+                writer.write_table(part.cast(schema))
+                position.update((ref, len(position)) for ref in needed[start:end])
+                start = end
+        with pq.ParquetWriter(path, schema, compression="zstd") as out:
+            if not refs:
+                out.write_table(schema.empty_table())
+            for begin in range(0, len(refs), WRITE_BATCH):
+                with pa.memory_map(str(gathered)) as source:
+                    table = pa.ipc.open_file(source).read_all()
+                    batch = table.take(pa.array([position[r] for r in refs[begin:begin + WRITE_BATCH]],
+                                                type=pa.int64())).combine_chunks()
+                    out.write_table(batch)
+                    del table, batch

@@ -19,7 +19,7 @@ from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
 from builder.versions import library_version
 
-CODE_VERSIONS = {"base": 1, "dataset": 3, "train": 2, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
+CODE_VERSIONS = {"base": 1, "dataset": 4, "train": 2, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),

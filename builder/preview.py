@@ -5,10 +5,12 @@ characters highlighted, so a person sees what the model will learn before anythi
     preview(project, "default", n=20, html_path=Path("p.html"))      # a page to scroll
     preview(project, "default", show_tokens=True)                    # token boundaries and labels
 
-Examples are taken round-robin from the sources in recipe order (every source shows up). Without
-show_tokens nothing heavy is loaded: spans are characters. With it, the base tokenizer is loaded
-(built base stage, a local model folder, or the builtin model made in-process) and each token is
-shown with whether it carries loss, exactly as the dataset stage labels it.
+Examples are taken round-robin from the sources in recipe order (every source shows up) and built
+by the dataset stage's own function (builder.shards.examples_of): quality filters, system prompt,
+template, no_end_of_turn policy, tokens and token filters, so a row the build would drop shows
+as REJECTED with its reason. The base tokenizer comes from the built base stage (or a local
+model folder, or the builtin model made in-process). With show_tokens each token is shown with
+whether it carries loss, exactly as the dataset stage labels it.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from pathlib import Path
 from builder.errors import TunefileError
 from builder.project import Project
 from builder.recipe import Recipe
-from builder.records import Conversation, with_system_prompt
-from builder.sources import read_source
-from builder.templates import TemplateError, end_of_turn_markers, read_template, render_chat, special_tokens
-from builder.templates.tokens import IGNORE_INDEX, apply_policy, template_tokens, tokenize_chat
+from builder.records import Conversation
+from builder.templates import TemplateError, end_of_turn_markers, read_template
+from builder.shards import examples_of, shard_settings
+from builder.sources import Reject, read_source
+from builder.templates.tokens import IGNORE_INDEX, template_tokens, tokenize_chat
 
 GREEN, DIM, RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 TOKEN_SHADES = ("\x1b[48;5;236m", "\x1b[48;5;238m")  # alternate backgrounds mark token boundaries
@@ -42,23 +45,26 @@ class Shown:
 
 
 def pick_conversations(recipe: Recipe, root: Path, n: int) -> list[Conversation]:
-    """The first n conversations, round-robin over the sources, system_prompt applied."""
+    """The first n conversations, round-robin over the sources, as read (the build adds the system prompt)."""
     pools = [read_source(spec, root)[0] for spec in recipe.sources]
     picked: list[Conversation] = []
     for i in range(max((len(p) for p in pools), default=0)):
         for pool in pools:
             if i < len(pool) and len(picked) < n:
-                picked.append(with_system_prompt(pool[i], recipe.system_prompt))
+                picked.append(pool[i])
     return picked
 
 
 def load_tokenizer(project: Project, recipe: Recipe):  # noqa: ANN201
-    """The base tokenizer: the built base stage's, a local model folder's, or the builtin's."""
-    from transformers import AutoTokenizer
-
+    """The base tokenizer: the built base stage's (as the dataset stage loads it), a local model
+    folder's, or the builtin's."""
     base_dir = project.stage_dir(recipe.name, "base")
     if (base_dir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(base_dir)
+        from builder.tokenizer import load_tokenizer as load_built
+
+        return load_built(base_dir, project.cache_dir)
+    from transformers import AutoTokenizer
+
     model = recipe.base.model
     if model.startswith("builtin:"):
         from builder.models import BUILTIN_MODELS
@@ -67,7 +73,7 @@ def load_tokenizer(project: Project, recipe: Recipe):  # noqa: ANN201
         return train_tokenizer(BUILTIN_MODELS[model.split(":", 1)[1]])
     if not model.startswith("hf:"):
         return AutoTokenizer.from_pretrained(project.root / model)
-    raise TunefileError(f"showing tokens needs the tokenizer of {model}; build the base stage first: "
+    raise TunefileError(f"preview needs the tokenizer of {model}; build the base stage first: "
                         f"tunefile build {recipe.name} --until base")
 
 
@@ -79,25 +85,31 @@ def render_examples(project: Project, recipe: Recipe, n: int, show_tokens: bool)
         raise TunefileError(f"template: base needs the base model's tokenizer; build it first: "
                             f"tunefile build {recipe.name} --until base")
     template = read_template(recipe.template, project.root, base_dir)
-    tokenizer = load_tokenizer(project, recipe) if show_tokens else None
-    variables = (template_tokens(tokenizer) if tokenizer is not None
-                 else {"bos_token": "<s>", "eos_token": "</s>", **special_tokens(base_dir)})
+    tokenizer = load_tokenizer(project, recipe)
+    variables = template_tokens(tokenizer)
+    picked = pick_conversations(recipe, project.root, n)
+    # The dataset stage's own path from conversations to examples: filters, system prompt,
+    # template, no_end_of_turn policy, tokens and token filters (dedup and mixing aside).
+    built: dict[tuple[str, str, int], object] = {}
+    for spec in recipe.sources:
+        settings = shard_settings(recipe, spec, template, base_dir, project.cache_dir, "", {})
+        examples, rejects = examples_of(settings, [c for c in picked if c.source == spec.name], tokenizer)
+        built.update(((c.source, c.file, c.row), c) for c in examples.conversations)
+        built.update(((r.source, r.file, r.row), r) for r in rejects)
     shown = []
-    for conversation in pick_conversations(recipe, project.root, n):
-        messages = conversation.to_dicts()
-        try:
-            result = apply_policy(render_chat(template, messages, train_on=recipe.train.train_on, **variables),
-                                  recipe.no_end_of_turn, variables.get("eos_token"))
-            if tokenizer is not None:
-                chat = tokenize_chat(template, messages, tokenizer, train_on=recipe.train.train_on,
-                                     no_end_of_turn=recipe.no_end_of_turn)
-                tokens = [(start, end, token, label != IGNORE_INDEX)
-                          for (start, end), token, label in zip(chat.offsets, chat.input_ids, chat.labels)]
-                shown.append(Shown(conversation, chat.text, chat.trained_spans, tokens, None, result.appended))
-            else:
-                shown.append(Shown(conversation, result.text, result.trained_spans, None, None, result.appended))
-        except TemplateError as exc:
-            shown.append(Shown(conversation, "", [], None, f"{exc.reason}: {exc}"))
+    for conversation in picked:
+        result = built[(conversation.source, conversation.file, conversation.row)]
+        if isinstance(result, Reject):
+            shown.append(Shown(conversation, "", [], None, f"{result.reason}: {result.detail}"))
+            continue
+        # The accepted example as the conversation it is trained on, shown with its characters and
+        # tokens (tokenize_chat: the one-conversation form of the batch path, tested equal to it).
+        chat = tokenize_chat(template, result.to_dicts(), tokenizer, train_on=recipe.train.train_on,
+                             no_end_of_turn=recipe.no_end_of_turn)
+        tokens = ([(start, end, token, label != IGNORE_INDEX)
+                   for (start, end), token, label in zip(chat.offsets, chat.input_ids, chat.labels)]
+                  if show_tokens else None)
+        shown.append(Shown(result, chat.text, chat.trained_spans, tokens, None, chat.appended))
     return template, variables, shown
 
 

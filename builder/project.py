@@ -6,10 +6,11 @@ either way: `default` or its path (`recipes/default.yaml`, relative to the curre
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +30,11 @@ class Params(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str = ".tunefile"
     checkpoint_steps: int = Field(default=50, gt=0)  # train checkpoints (for resuming) every N steps
+    workers: Optional[int] = Field(default=None, gt=0)  # dataset tokenizing processes (None: every core)
+
+    @property
+    def dataset_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,8 @@ class MixtureSpec(Strict):
     eval_fraction: float = Field(default=0.05, ge=0, lt=1)
     eval_size: Optional[int] = Field(default=None, ge=0)   # instead of eval_fraction: this many
     max_reject_rate: float = Field(default=0.05, ge=0, le=1)  # per source, malformed rows only
+    # Training order: a seeded shuffle, or simple to complex (assistant turns, then trained tokens).
+    order: Literal["shuffle", "curriculum"] = "shuffle"
 
 
 class LoraSpec(Strict):

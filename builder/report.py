@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from builder.recipe import FiltersSpec
+
 BOLD, DIM, RESET = "\x1b[1m", "\x1b[2m", "\x1b[0m"
 TOP_REASONS = 3
 MISSING = "-"
@@ -26,6 +28,39 @@ COLUMNS = (("source", False), ("rows", True), ("rejected", True), ("top reasons"
            ("% examples", True), ("tokens", True), ("trained", True), ("% trained", True),
            ("mean/max tok", True))
 FIGURE_WIDTH, PANEL_HEIGHT, DPI = 8.0, 3.0, 100
+# Reject reasons that are deliberate drops: they never count toward a source's reject rate
+# (mixture.max_reject_rate). Every filter rejects with its own recipe key name as the reason.
+DEDUPLICATED = {"duplicate", "near_duplicate"}
+DELIBERATE = {*DEDUPLICATED, "decontaminated", "too_long", *FiltersSpec.model_fields}
+HISTOGRAM_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def source_stats(rows, kept: list[int], rejects: list, eval_rows: set[int], pool: list[int],  # noqa: ANN001
+                 picked: list[int], deliberate: set[str] = DELIBERATE) -> dict:
+    """One source's line of stats.json: what it gave, lost, and weighs in the mixture."""
+    from collections import Counter
+
+    tokens, trained = rows.tokens[picked], rows.trained[picked]
+    reasons = Counter(r.reason for r in rejects)
+    return {"rows": rows.rows_read, "conversations": rows.conversations,
+            "malformed": sum(r.reason not in deliberate for r in rows.rejects), "usable": len(kept),
+            "rejected": dict(sorted(reasons.items())), "eval": len(eval_rows),
+            "deduplicated": sum(n for r, n in reasons.items() if r in DEDUPLICATED),
+            "filtered": sum(n for r, n in reasons.items() if r in deliberate - DEDUPLICATED),
+            "train_pool": len(pool), "sampled": len(picked), "tokens": int(tokens.sum()),
+            "trained_tokens": int(trained.sum()),
+            "mean_tokens": round(float(tokens.sum()) / len(tokens), 1) if len(tokens) else 0.0,
+            "max_tokens": int(tokens.max(initial=0))}
+
+
+def length_histogram(lengths: dict) -> dict:
+    """Token lengths of the train examples per source (arrays), in fixed bins (the report's histogram)."""
+    import numpy as np
+
+    longest = max([int(np.max(n, initial=0)) for n in lengths.values()] + [1])
+    edges = [e for e in HISTOGRAM_EDGES if e < longest] + [next((e for e in HISTOGRAM_EDGES if e >= longest), longest)]
+    counts = {s: np.histogram(n, bins=edges)[0].astype(int).tolist() for s, n in lengths.items()}
+    return {"edges": edges, "counts": counts}
 
 
 def ordered_sources(stats: dict) -> list[str]:
@@ -125,67 +160,109 @@ def _paint(text: str, code: str, on: bool) -> str:
     return f"{code}{text}{RESET}" if on else text
 
 
+# tab10's colours, by source in recipe order
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PANEL_PX = int(PANEL_HEIGHT * DPI)
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 110, 150, 28, 40
+
+
 def write_mixture_png(stats: dict, path: Path) -> None:
-    """A PNG of each source's share of examples and of trained tokens, and the length histogram
-    stacked by source (left out when stats has none). Same stats, same bytes; written atomically."""
-    import matplotlib
-    from matplotlib import style
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """A PNG (drawn with Pillow: a tenth of matplotlib's start-up) of each source's share of
+    examples and of trained tokens; the length histogram stacked by source; and the mean length
+    along the training order (flat for a shuffle, rising for a curriculum). Panels whose numbers
+    stats lacks are left out. Same stats, same bytes; written atomically."""
+    from PIL import Image, ImageDraw, ImageFont
 
     names = ordered_sources(stats)
     sources = [stats["sources"][name] for name in names]
-    histogram = stats.get("length_histogram")
-    # the default style, so that a user's matplotlibrc cannot change the bytes
-    with style.context("default"):
-        figure = Figure(figsize=(FIGURE_WIDTH, PANEL_HEIGHT * (2 if histogram else 1)), dpi=DPI)
-        FigureCanvasAgg(figure)
-        colors = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(names))]
-        axes = figure.subplots(2 if histogram else 1, 1, squeeze=False)[:, 0]
-        _plot_shares(axes[0], names, sources, colors)
-        if histogram:
-            _plot_histogram(axes[1], names, histogram, colors)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    panels = [_draw_shares]
+    if stats.get("length_histogram"):
+        panels.append(_draw_histogram)
+    if stats.get("length_by_position"):
+        panels.append(_draw_positions)
+    width = int(FIGURE_WIDTH * DPI)
+    image = Image.new("RGB", (width, PANEL_PX * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+    for k, panel in enumerate(panels):
+        box = (MARGIN_LEFT, k * PANEL_PX + MARGIN_TOP, width - MARGIN_RIGHT, (k + 1) * PANEL_PX - MARGIN_BOTTOM)
+        panel(draw, font, box, names, sources, colors, stats)
+    for i, (name, color) in enumerate(zip(names, colors)):  # one legend, right of the first panel
+        x, y = width - MARGIN_RIGHT + 12, MARGIN_TOP + 18 * i
+        draw.rectangle((x, y + 2, x + 12, y + 12), fill=color)
+        draw.text((x + 18, y), name, fill="black", font=font)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
     _write_atomically(Path(path), buffer.getvalue())
 
 
-def _plot_shares(ax, names: list[str], sources: list[dict], colors: list) -> None:  # noqa: ANN001
-    bars = ("examples", "trained tokens")
-    keys = ("sampled", "trained_tokens")
-    totals = [sum(s.get(key, 0) for s in sources) for key in keys]
-    left = [0.0, 0.0]
-    for name, s, color in zip(names, sources, colors):
-        shares = [100 * s.get(key, 0) / total if total else 0.0 for key, total in zip(keys, totals)]
-        drawn = ax.barh(bars, shares, left=left, color=color, label=name)
-        # a label only where the segment is wide enough to hold it
-        ax.bar_label(drawn, labels=[f"{x:.0f}%" if x >= 6 else "" for x in shares], label_type="center",
-                     color="white", fontsize="small")
-        left = [a + b for a, b in zip(left, shares)]
-    ax.set_xlim(0, 100)
-    ax.invert_yaxis()
-    ax.set_xlabel("share of the train mixture (%)")
-    ax.set_title("mixture by source")
-    if names:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+def _frame(draw, font, box: tuple, title: str, xlabel: str) -> None:  # noqa: ANN001
+    left, top, right, bottom = box
+    draw.rectangle(box, outline="black")
+    draw.text(((left + right) // 2, top - 6), title, fill="black", font=font, anchor="mb")
+    draw.text(((left + right) // 2, bottom + 22), xlabel, fill="black", font=font, anchor="mt")
 
 
-def _plot_histogram(ax, names: list[str], histogram: dict, colors: list) -> None:  # noqa: ANN001
+def _bars(draw, font, box: tuple, columns: list[list[tuple[float, tuple]]], labels: list[str], top_value: float,  # noqa: ANN001
+          ylabel: str) -> None:
+    """Vertical stacked bars: columns[j] is a list of (value, colour) from the bottom up."""
+    left, top, right, bottom = box
+    slot = (right - left) / max(len(columns), 1)
+    for j, stack in enumerate(columns):
+        base = bottom
+        for value, color in stack:
+            height = (bottom - top) * value / top_value if top_value else 0
+            if height > 0:
+                draw.rectangle((left + j * slot + slot * 0.15, base - height, left + (j + 1) * slot - slot * 0.15, base),
+                               fill=color)
+            base -= height
+        draw.text((left + (j + 0.5) * slot, bottom + 4), labels[j], fill="black", font=font, anchor="mt")
+    draw.text((left - 8, top), f"{top_value:,.0f}", fill="black", font=font, anchor="ra")
+    draw.text((left - 8, bottom), "0", fill="black", font=font, anchor="rb")
+    draw.text((left - 8, (top + bottom) // 2), ylabel, fill="black", font=font, anchor="rm")
+
+
+def _draw_shares(draw, font, box, names, sources, colors, stats) -> None:  # noqa: ANN001
+    left, top, right, bottom = box
+    _frame(draw, font, box, "mixture by source", "share of the train mixture (%)")
+    rows = (("examples", "sampled"), ("trained tokens", "trained_tokens"))
+    height = (bottom - top) / len(rows)
+    for r, (label, key) in enumerate(rows):
+        total = sum(s.get(key, 0) for s in sources)
+        x, y0, y1 = float(left), top + r * height + height * 0.2, top + (r + 1) * height - height * 0.2
+        for s, color in zip(sources, colors):
+            share = 100 * s.get(key, 0) / total if total else 0.0
+            x1 = x + (right - left) * share / 100
+            if x1 > x:
+                draw.rectangle((x, y0, x1, y1), fill=color)
+            if share >= 6:  # a label only where the segment is wide enough to hold it
+                draw.text(((x + x1) / 2, (y0 + y1) / 2), f"{share:.0f}%", fill="white", font=font, anchor="mm")
+            x = x1
+        draw.text((left - 8, (y0 + y1) / 2), label, fill="black", font=font, anchor="rm")
+
+
+def _draw_histogram(draw, font, box, names, sources, colors, stats) -> None:  # noqa: ANN001
+    histogram = stats["length_histogram"]
     edges = histogram["edges"]
-    # bins as categories: the edges grow geometrically, so equal widths read better
-    labels = [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
-    positions = list(range(len(labels)))
-    bottom = [0] * len(labels)
-    for name, color in zip(names, colors):
-        counts = histogram.get("counts", {}).get(name)
-        if counts:
-            ax.bar(positions, counts, bottom=bottom, color=color, label=name)
-            bottom = [a + b for a, b in zip(bottom, counts)]
-    ax.set_xticks(positions, labels)
-    ax.set_xlabel("tokens per train example")
-    ax.set_ylabel("examples")
-    ax.set_title("length histogram")
+    labels = [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]  # bins as categories: edges grow geometrically
+    counts = histogram.get("counts", {})
+    columns = [[(counts[name][j], color) for name, color in zip(names, colors) if counts.get(name)]
+               for j in range(len(labels))]
+    peak = max([sum(v for v, _ in column) for column in columns] + [1])
+    _frame(draw, font, box, "length histogram", "tokens per train example")
+    _bars(draw, font, box, columns, labels, peak, "examples")
+
+
+def _draw_positions(draw, font, box, names, sources, colors, stats) -> None:  # noqa: ANN001
+    means = stats["length_by_position"]
+    order = stats.get("mixture_order", "shuffle")
+    columns = [[(m, (90, 90, 90))] for m in means]
+    labels = [f"{100 * (j + 1) // len(means)}%" if j % max(1, len(means) // 5) == 0 or j == len(means) - 1 else ""
+              for j in range(len(means))]
+    _frame(draw, font, box, f"mean tokens along the training order ({order})", "position in the train split")
+    _bars(draw, font, box, columns, labels, max(means + [1]), "tokens")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

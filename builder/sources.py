@@ -15,7 +15,7 @@ import socket
 from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from builder.errors import DataError
 from builder.formats import FORMATS, apply_fields
@@ -41,21 +41,26 @@ def _encoding_error(exc: UnicodeDecodeError) -> RowError:
     return RowError("bad_encoding", f"not UTF-8: byte {exc.object[exc.start]:#04x} at column {exc.start + 1}")
 
 
+def parse_jsonl_lines(lines: Iterable[bytes], first: int = 1) -> Iterator[tuple[int, object]]:
+    """Numbered rows of raw .jsonl lines. Lines are decoded one by one, so a line that is not UTF-8
+    is one rejected row, not a dead file; blank lines are skipped (but counted in line numbers)."""
+    for number, raw in enumerate(lines, start=first):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, _encoding_error(exc)
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, RowError("bad_json", str(exc))
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    # Lines are decoded one by one, so a line that is not UTF-8 is one rejected row, not a dead file.
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, _encoding_error(exc)
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, RowError("bad_json", str(exc))
+        yield from parse_jsonl_lines(f)
 
 
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
@@ -190,24 +195,89 @@ def _row_groups(spec: SourceSpec, root: Path) -> Iterator[tuple[str, Iterator[tu
         yield rel, READERS[Path(file).suffix](Path(file))
 
 
-def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[Reject], int]:
-    """The source's rows -> (conversations, rejects, rows read)."""
+def to_conversations(spec: SourceSpec, rel: str, numbered: Iterable[tuple[int, object]]
+                     ) -> tuple[list[Conversation], list[Reject], int]:
+    """Numbered rows of one file -> (conversations, rejects, rows read)."""
     adapt = FORMATS[spec.format]
     conversations: list[Conversation] = []
     rejects: list[Reject] = []
     rows = 0
-    for rel, numbered in _row_groups(spec, root):
-        for number, row in numbered:
-            rows += 1
-            try:
-                if isinstance(row, RowError):
-                    raise row
-                if not isinstance(row, dict):
-                    raise RowError("bad_type", f"row is {type(row).__name__}, expected an object")
-                # All of a row's conversations or none (self_instruct rows hold several).
-                turns = adapt(apply_fields(row, spec.fields))
-                conversations.extend([make_conversation(t, spec.name, number, rel) for t in turns])
-            except RowError as exc:
-                detail = exc.detail + (f" (fields: {spec.fields})" if spec.fields and exc.reason == "missing_field" else "")
-                rejects.append(Reject(spec.name, rel, number, exc.reason, detail))
+    for number, row in numbered:
+        rows += 1
+        try:
+            if isinstance(row, RowError):
+                raise row
+            if not isinstance(row, dict):
+                raise RowError("bad_type", f"row is {type(row).__name__}, expected an object")
+            # All of a row's conversations or none (self_instruct rows hold several).
+            turns = adapt(apply_fields(row, spec.fields))
+            conversations.extend([make_conversation(t, spec.name, number, rel) for t in turns])
+        except RowError as exc:
+            detail = exc.detail + (f" (fields: {spec.fields})" if spec.fields and exc.reason == "missing_field" else "")
+            rejects.append(Reject(spec.name, rel, number, exc.reason, detail))
     return conversations, rejects, rows
+
+
+def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[Reject], int]:
+    """The source's rows -> (conversations, rejects, rows read)."""
+    conversations: list[Conversation] = []
+    rejects: list[Reject] = []
+    rows = 0
+    for rel, numbered in _row_groups(spec, root):
+        got, bad, n = to_conversations(spec, rel, numbered)
+        conversations += got
+        rejects += bad
+        rows += n
+    return conversations, rejects, rows
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """Up to `size` consecutive rows of one file, before parsing where that is cheap to defer:
+    .jsonl chunks carry their raw lines (parsed by whichever worker tokenizes them), other
+    formats their parsed rows. `digest` covers exactly the rows' bytes or values."""
+    file: str
+    first: int  # the first row's number (a .jsonl line number)
+    lines: bytes | None
+    rows: list | None
+    digest: str
+
+    def numbered(self) -> Iterator[tuple[int, object]]:
+        if self.lines is not None:
+            return parse_jsonl_lines(self.lines.splitlines(keepends=True), self.first)
+        return iter(self.rows)
+
+
+def raw_chunks(spec: SourceSpec, root: Path, size: int) -> Iterator[RawChunk]:
+    """The source's rows in chunks of `size`, streamed (a 1M-row file is never all in memory)."""
+    import xxhash
+
+    for rel, numbered in _row_groups(spec, root):
+        path = root / rel if not Path(rel).is_absolute() else Path(rel)
+        if rel.endswith(".jsonl") and path.is_file():
+            with open(path, "rb") as f:
+                first = 1
+                while True:
+                    lines = [line for _, line in zip(range(size), f)]
+                    if not lines:
+                        break
+                    data = b"".join(lines)
+                    yield RawChunk(rel, first, data, None, xxhash.xxh3_128_hexdigest(data))
+                    first += len(lines)
+            continue
+        batch: list = []
+        for item in numbered:
+            batch.append(item)
+            if len(batch) == size:
+                yield _parsed_chunk(rel, batch)
+                batch = []
+        if batch:
+            yield _parsed_chunk(rel, batch)
+
+
+def _parsed_chunk(rel: str, batch: list) -> RawChunk:
+    import xxhash
+
+    values = [[n, repr(r) if isinstance(r, RowError) else r] for n, r in batch]
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+    return RawChunk(rel, batch[0][0], None, list(batch), xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass")))

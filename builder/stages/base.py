@@ -44,4 +44,8 @@ def run(ctx: StageContext) -> dict:
         copy_model_files(ctx.project.root / model, ctx.out_dir)
     if not (ctx.out_dir / "config.json").is_file():
         raise StageError(f"base model {model} has no config.json")
+    from builder.tokenizer import verify_fast_load
+
+    # Settled here, where transformers is loaded anyway: the dataset stage can then skip importing it.
+    summary["tokenizer_fast_load"] = verify_fast_load(ctx.out_dir, ctx.project.cache_dir)
     return {"model": model, **summary}

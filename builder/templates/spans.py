@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from builder.templates.errors import TemplateError
 from builder.templates.sandbox import render_template
+from builder.templates.substitute import VERIFY_PER_SHAPE, shape_of, substituted, variables_key
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 _SENTINEL = "\ue000{}\ue001"
@@ -115,7 +116,7 @@ def end_of_turn_markers(source: str, **variables) -> EndOfTurn:
     """The end-of-turn markers, learnt once per template and variables from probe conversations."""
     variables = {**template_variables(variables.pop("bos_token", None), variables.pop("eos_token", None), False,
                                       variables), "add_generation_prompt": False}
-    key = (source, json.dumps(variables, sort_keys=True, default=repr))
+    key = (source, variables_key(variables))
     if key not in _MARKERS:
         if len(_MARKERS) > 256:
             _MARKERS.clear()
@@ -321,11 +322,7 @@ def _skeleton(source: str, messages: list[dict], variables: dict) -> str | None:
     """The render with sentinel contents. It depends on the template, the variables and each
     message's fields other than content (roles, mostly), never on the contents themselves, so
     conversations of the same shape share one render."""
-    shape = tuple(m.get("role") if len(m) == 2 and type(m.get("content")) is str and "role" in m
-                  else json.dumps({k: v for k, v in m.items() if k != "content" or not isinstance(v, str)},
-                                  sort_keys=True, default=repr)
-                  for m in messages)
-    key = (source, json.dumps(variables, sort_keys=True, default=repr), shape)
+    key = (source, variables_key(variables), shape_of(messages))
     if key not in _SKELETONS:
         if len(_SKELETONS) > 1024:
             _SKELETONS.clear()
@@ -375,19 +372,76 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str | Non
         raise TemplateError(f"train_on '{train_on}' unknown; allowed: {', '.join(TRAIN_ON)}")
     messages = plain_messages(messages)
     variables = template_variables(bos_token, eos_token, add_generation_prompt, extra)
-    text = _render(template_source, messages, variables)
+    fast = substituted(template_source, messages, variables)  # Jinja once per shape, where proven exact
+    text = fast[0] if fast is not None else _render(template_source, messages, variables)
     if train_on == "all":
         return RenderedChat(text, [(0, len(text))] if text else [])
     trained = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if train_on == "last_assistant":
         trained = trained[-1:]
-    positions = content_positions(template_source, messages, text, variables)
+    positions = fast[1] if fast is not None else content_positions(template_source, messages, text, variables)
+    if fast is not None:  # the spans too follow from the shape: a plan learnt once, checked twice
+        plan_key = (template_source, variables_key(variables), train_on, shape_of(messages),
+                    tuple(not isinstance(m.get("content"), str) or not m["content"].strip() for m in messages))
+        plan = _PLANS.get(plan_key)
+        if plan is not None and plan.checked >= VERIFY_PER_SHAPE:
+            return _from_plan(plan, text, positions)
     _check_nothing_dropped(messages, positions)
     if not trained:
         return RenderedChat(text, [])
+    pieces = _answer_pieces(template_source, variables, messages, positions, text, trained)
+    result = RenderedChat(text, _merge([(start, stop) for _, _, start, _, stop, _ in pieces]),
+                          turn_ends=tuple(sorted({end for *_, end, _, turn_end in pieces if turn_end})))
+    if fast is not None:
+        _learn_plan(plan_key, pieces, result, text, positions)
+    return result
+
+
+@dataclass
+class _SpanPlan:
+    """Per trained content occurrence (message, k-th occurrence): how many characters after the
+    content the span runs (its marker or separator), and whether it is a turn end (append_eos)."""
+    pieces: list[tuple[int, int, int, bool]]
+    checked: int = 0
+
+
+_PLANS: dict[tuple, "_SpanPlan | None"] = {}
+
+
+def _from_plan(plan: _SpanPlan, text: str, positions: list[list[tuple[int, int]]]) -> RenderedChat:
+    spans, turn_ends = [], set()
+    for i, k, extra, turn_end in plan.pieces:
+        start, end = positions[i][k]
+        spans.append((start, end + extra))
+        if turn_end:
+            turn_ends.add(end)
+    return RenderedChat(text, _merge(spans), turn_ends=tuple(sorted(turn_ends)))
+
+
+def _learn_plan(key: tuple, pieces: list, result: RenderedChat, text: str, positions: list) -> None:
+    """Record the shape's span plan from a full computation, or check it against one; a mismatch
+    turns plans off for the shape (the full computation is used from then on)."""
+    plan = _SpanPlan([(i, k, stop - end, turn_end) for i, k, _, end, stop, turn_end in pieces])
+    if key not in _PLANS:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    known = _PLANS[key]
+    if known is None:
+        return
+    if known.pieces != plan.pieces or _from_plan(known, text, positions) != result:
+        _PLANS[key] = None
+        return
+    known.checked += 1
+
+
+def _answer_pieces(template_source: str, variables: dict, messages: list[dict], positions: list,
+                   text: str, trained: list[int]) -> list[tuple[int, int, int, int, int, bool]]:
+    """(message, occurrence, start, end, stop, turn_end) for each trained answer's content: the
+    span runs from start to stop, through the end-of-turn marker (or separator) after the content."""
     markers = end_of_turn_markers(template_source, **variables)
     starts = sorted(start for found in positions for start, _ in found)
-    spans, turn_ends = [], []
+    pieces = []
     for i in trained:
         content = messages[i].get("content")
         if not isinstance(content, str) or (messages[i].get("tool_calls") and not content.strip()):
@@ -397,14 +451,13 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str | Non
         if not positions[i]:
             raise TemplateError(f"message {i} (assistant) does not appear in the rendered text: the template "
                                 "drops or rewrites it, so it cannot be trained", reason="dropped_message")
-        for start, end in positions[i]:
+        for k, (start, end) in enumerate(positions[i]):
             # The marker must lie in the template's text before the next content.
-            k = bisect.bisect_left(starts, end + (start == end))
-            limit = starts[k] if k < len(starts) else len(text)
-            marker = markers.middle if k < len(starts) else markers.final
+            at = bisect.bisect_left(starts, end + (start == end))
+            limit = starts[at] if at < len(starts) else len(text)
+            marker = markers.middle if at < len(starts) else markers.final
             if not markers.has_token and not marker.strip():  # the content and the separator after it, if any
-                turn_ends.append(end)
-                spans.append((start, end + len(os.path.commonprefix([text[end:limit], marker]))))
+                pieces.append((i, k, start, end, end + len(os.path.commonprefix([text[end:limit], marker])), True))
                 continue
             stop = _after_marker(text, end, marker, limit)
             if stop is None and marker != markers.middle:  # a final answer closed as a middle one
@@ -413,8 +466,8 @@ def render_chat(template_source: str, messages: list[dict], bos_token: str | Non
                 raise TemplateError(f"message {i} (assistant) is not followed by the end-of-turn marker "
                                     f"{marker!r}, so the model would not learn to stop there",
                                     reason="no_end_of_turn")
-            spans.append((start, stop))
-    return RenderedChat(text, _merge(spans), turn_ends=tuple(sorted(set(turn_ends))))
+            pieces.append((i, k, start, end, stop, False))
+    return pieces
 
 
 def append_eos(rendered: RenderedChat, eos_token: str) -> RenderedChat:

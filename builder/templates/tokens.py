@@ -26,6 +26,7 @@ class TokenizedChat:
     input_ids: list[int]
     labels: list[int]
     offsets: list[tuple[int, int]]
+    appended: tuple[tuple[int, int], ...] = ()  # text tunefile added (EOS, no_end_of_turn: append_eos)
 
     @property
     def trained_tokens(self) -> int:
@@ -90,7 +91,7 @@ def _labelled(rendered: RenderedChat, ids: list[int], offsets: list[tuple[int, i
         why = ("every trained character shares a token with untrained ones" if rendered.trained_spans
                else "it has no assistant message to train on")
         raise TemplateError(f"no token of this example carries loss: {why}", reason="no_trained_tokens")
-    return TokenizedChat(rendered.text, rendered.trained_spans, list(ids), labels, list(offsets))
+    return TokenizedChat(rendered.text, rendered.trained_spans, list(ids), labels, list(offsets), rendered.appended)
 
 
 def apply_policy(rendered: RenderedChat, no_end_of_turn: str, eos_token: str | None) -> RenderedChat:
@@ -142,3 +143,122 @@ def tokenize_chats(template_source: str, conversations: list[list[dict]], tokeni
             except TemplateError as exc:
                 results[i] = exc
     return results
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Many conversations' token ids and labels as flat arrays: row k is ids[bounds[k]:bounds[k+1]].
+    What the dataset stage builds Arrow columns from, with no Python list per token."""
+    texts: list[str]
+    ids: "object"     # numpy int32
+    labels: "object"  # numpy int32, IGNORE_INDEX where no loss
+    bounds: "object"  # numpy int64, len(texts) + 1
+
+
+def _chars(encoding, token: int) -> tuple[int, int]:  # noqa: ANN001
+    chars = encoding.token_to_chars(token)
+    return chars if chars is not None else (0, 0)
+
+
+def _token_at(encoding, chars: range) -> int | None:  # noqa: ANN001
+    """The first token covering a character of `chars`, scanning in that order."""
+    for c in chars:
+        token = encoding.char_to_token(c)
+        if token is not None:
+            return token
+    return None
+
+
+def trained_token_ranges(encoding, spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:  # noqa: ANN001
+    """Token index ranges [start, stop) whose tokens lie wholly inside one span: label_tokens' rule,
+    found through the encoding's character-to-token map (a few calls per span, not a pass over
+    every token's offsets). Offsets are increasing, so a span's tokens are consecutive."""
+    ranges = []
+    for a, b in spans:
+        first, last = _token_at(encoding, range(a, b)), _token_at(encoding, range(b - 1, a - 1, -1))
+        if first is None or last is None:
+            continue
+        while first < n and _chars(encoding, first)[0] < a:  # straddles the span's start
+            first += 1
+        while last + 1 < n and a <= _chars(encoding, last + 1)[0] < _chars(encoding, last + 1)[1] <= b:
+            last += 1  # more tokens of the span's last character (a character split in bytes)
+        while last >= first and _chars(encoding, last)[1] > b:  # straddles the span's end
+            last -= 1
+        if first <= last:
+            ranges.append((first, last + 1))
+    return ranges
+
+
+def tokenize_batch(template_source: str, conversations: list[list[dict]], tokenizer,  # noqa: ANN001
+                   train_on: str = "all_assistant", no_end_of_turn: str = "append_eos",
+                   **extra) -> tuple[TokenBatch, list[int | TemplateError]]:
+    """tokenize_chats for the dataset path: the same ids and labels (and the same refusals, in
+    the same order of checks), as flat arrays. Returns the batch and, per conversation, its row in
+    the batch or its TemplateError."""
+    import itertools
+
+    import numpy as np
+
+    variables = {**template_tokens(tokenizer), **extra}
+    rendered: list[RenderedChat] = []
+    outcome: list[int | TemplateError] = []
+    for messages in conversations:
+        try:
+            chat = apply_policy(render_chat(template_source, messages, train_on=train_on, **variables),
+                                no_end_of_turn, variables.get("eos_token"))
+            outcome.append(len(rendered))
+            rendered.append(chat)
+        except TemplateError as exc:
+            outcome.append(exc)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: the per-row path
+        return _batch_from_chats(rendered, tokenizer, outcome)
+    encodings = backend.encode_batch([r.text for r in rendered], add_special_tokens=False) if rendered else []
+    ids = [e.ids for e in encodings]
+    kept, bos = [], tokenizer.bos_token_id
+    verdict: list[int | TemplateError] = []
+    for k, (chat, encoding, row) in enumerate(zip(rendered, encodings, ids)):
+        try:
+            check_bos(row[:2], bos)
+            ranges = trained_token_ranges(encoding, chat.trained_spans, len(row))
+            if not ranges:
+                why = ("every trained character shares a token with untrained ones" if chat.trained_spans
+                       else "it has no assistant message to train on")
+                raise TemplateError(f"no token of this example carries loss: {why}", reason="no_trained_tokens")
+            verdict.append(len(kept))
+            kept.append((k, ranges))
+        except TemplateError as exc:
+            verdict.append(exc)
+    lengths = np.fromiter((len(ids[k]) for k, _ in kept), dtype=np.int64, count=len(kept))
+    bounds = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids[k] for k, _ in kept), dtype=np.int32, count=int(bounds[-1]))
+    trained = np.zeros(len(flat) + 1, dtype=np.int32)  # +1 at a range's start, -1 past its end
+    for row, (_, ranges) in enumerate(kept):
+        for start, stop in ranges:
+            trained[bounds[row] + start] += 1
+            trained[bounds[row] + stop] -= 1
+    labels = np.where(np.cumsum(trained[:-1]) > 0, flat, np.int32(IGNORE_INDEX)).astype(np.int32)
+    batch = TokenBatch([rendered[k].text for k, _ in kept], flat, labels, bounds)
+    return batch, [v if isinstance(v, TemplateError) else verdict[v] for v in outcome]
+
+
+def _batch_from_chats(rendered: list[RenderedChat], tokenizer, outcome: list) -> tuple[TokenBatch, list]:  # noqa: ANN001
+    import numpy as np
+
+    chats: list[TokenizedChat | TemplateError] = []
+    for chat, (ids, offsets) in zip(rendered, encode_texts(tokenizer, [r.text for r in rendered])):
+        try:
+            chats.append(_labelled(chat, ids, offsets, tokenizer.bos_token_id, is_prompt=False))
+        except TemplateError as exc:
+            chats.append(exc)
+    good = [c for c in chats if isinstance(c, TokenizedChat)]
+    bounds = np.zeros(len(good) + 1, dtype=np.int64)
+    np.cumsum([len(c.input_ids) for c in good], out=bounds[1:])
+    flat = np.asarray([t for c in good for t in c.input_ids], dtype=np.int32)
+    labels = np.asarray([t for c in good for t in c.labels], dtype=np.int32)
+    rows, index = [], iter(range(len(good)))
+    for c in chats:
+        rows.append(c if isinstance(c, TemplateError) else next(index))
+    return TokenBatch([c.text for c in good], flat, labels, bounds), [v if isinstance(v, TemplateError) else rows[v]
+                                                                      for v in outcome]

@@ -1,0 +1,188 @@
+"""Benchmark: the dataset stage at scale, against baselines measured in the same run.
+
+    .venv/bin/python bench/dataset_build.py [--sizes 20000 200000] [--quick]
+
+Data: ../shared/data when present (the 175 Self-Instruct seed tasks as alpaca rows and FastChat's
+500 ShareGPT conversations), else the demo data; replicated to each size with a unique suffix on
+every row (so dedup keeps them all). Template chatml, the builtin tiny-llama tokenizer, one
+alpaca source. Every tunefile number is a whole `tunefile build R --until dataset` process with
+the base already built and the chunk cache cold, as a user runs it. Prints:
+1. the Hugging Face path: a whole process that imports transformers, loads the tokenizer and calls
+   apply_chat_template(..., return_assistant_tokens_mask=True) per row (chatml with generation
+   markers), at the smallest size;
+2. bare `tokenizers` encode_batch of the same rendered texts (in process, after loading);
+3. tunefile with 1 worker and with every core, at each size: seconds, rows/s, peak RSS;
+4. appending 1% new rows at the largest size and rebuilding (the chunk cache warm);
+and the ratio against each target. Exits 0; runs in a temporary folder; needs the project's .venv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TOKENIZERS_PARALLELISM": "true"}
+CHATML_GENERATION = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ message['content'] + '<|im_end|>' + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MEASURED = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+done = subprocess.run(sys.argv[2:], cwd=sys.argv[1], capture_output=True, text=True)
+seconds = time.perf_counter() - started
+if done.returncode:
+    sys.exit(done.stdout[-2000:] + done.stderr[-2000:])
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+HF_PATH = """
+import json, sys, time
+started = time.perf_counter()
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.chat_template = sys.argv[3]
+rows = [json.loads(line) for line in open(sys.argv[2])]
+trained = 0
+for row in rows:
+    user = row["instruction"] + ("\\n\\n" + row["input"] if row.get("input") else "")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    trained += sum(out["assistant_masks"])
+print(time.perf_counter() - started, trained)
+"""
+
+
+def base_rows() -> list[dict]:
+    """Alpaca rows from the shared data (seed-task instances, and each ShareGPT human/gpt pair)."""
+    rows = []
+    if SHARED.is_dir():
+        for line in (SHARED / "alpaca_seed_tasks.jsonl").read_text().splitlines():
+            task = json.loads(line)
+            rows += [{"instruction": task["instruction"], "input": i["input"], "output": i["output"]}
+                     for i in task["instances"]]
+        for conv in json.loads((SHARED / "fastchat_dummy_conversation.json").read_text()):
+            turns = conv["conversations"]
+            rows += [{"instruction": a["value"], "input": "", "output": b["value"]}
+                     for a, b in zip(turns[::2], turns[1::2]) if a["from"] == "human" and b["from"] == "gpt"]
+        return rows
+    for line in (REPO / "data" / "demo_alpaca.jsonl").read_text().splitlines():
+        rows.append(json.loads(line))
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict], count: int, start: int = 0) -> None:
+    with open(path, "a" if start else "w") as f:
+        for k in range(start, start + count):
+            row = rows[k % len(rows)]
+            f.write(json.dumps({**row, "instruction": f"{row['instruction']} (#{k})"}) + "\n")
+
+
+def measured(cwd: Path, *cmd: str) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB of the command and its children)."""
+    done = subprocess.run([sys.executable, "-c", MEASURED, str(cwd), *cmd], env=ENV, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr}")
+    seconds, rss = done.stdout.split()
+    return float(seconds), int(rss) / 1024
+
+
+def make_project(root: Path, rows: list[dict], size: int, workers: int | None) -> Path:
+    (root / "recipes").mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    write_rows(root / "data" / "rows.jsonl", rows, size)
+    (root / "recipes" / "r.yaml").write_text(
+        "name: r\nbase: {model: builtin:tiny-llama}\ntemplate: chatml\nmixture: {seed: 1, eval_fraction: 0.0}\n"
+        "sources:\n  - {name: rows, path: data/rows.jsonl, format: alpaca}\n")
+    params = "recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\n" + (f"workers: {workers}\n" if workers else "")
+    (root / "params.yaml").write_text(params)
+    return root
+
+
+def build(root: Path, cold: bool = True) -> tuple[float, float]:
+    if cold:
+        shutil.rmtree(root / ".tunefile" / "chunks", ignore_errors=True)
+    shutil.rmtree(root / "build" / "r" / "dataset", ignore_errors=True)
+    return measured(root, str(BIN / "tunefile"), "build", "r", "--until", "dataset")
+
+
+def bare_tokenizers(base: Path, root: Path) -> tuple[float, int]:
+    """Seconds for tokenizers' encode_batch over the texts tunefile rendered, and their count."""
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    texts = pq.read_table(root / "build" / "r" / "dataset" / "train.parquet", columns=["text"]).column("text").to_pylist()
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    started = time.perf_counter()
+    tokenizer.encode_batch(texts, add_special_tokens=False)
+    return time.perf_counter() - started, len(texts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[20000, 200000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--quick", action="store_true", help="sizes 5000 and 50000")
+    args = parser.parse_args()
+    small, large = (5000, 50000) if args.quick else args.sizes
+    rows = base_rows()
+    cores = os.cpu_count() or 1
+    print(f"# dataset stage benchmark: {len(rows)} distinct rows from "
+          f"{'../shared/data' if SHARED.is_dir() else 'the demo data'}, replicated; {cores} cores")
+    with tempfile.TemporaryDirectory(prefix="tunefile-dataset-bench-") as tmp:
+        work = Path(tmp)
+        results: dict[tuple[int, int], tuple[float, float]] = {}
+        for size in (small, large):
+            for workers in (1, cores):
+                root = make_project(work / f"p{size}-{workers}", rows, size, workers)
+                if not (root / "build" / "r" / "base").is_dir():
+                    measured(root, str(BIN / "tunefile"), "build", "r", "--until", "base")
+                results[size, workers] = build(root)
+        base = work / f"p{small}-1" / "build" / "r" / "base"
+        hf_seconds, _ = (lambda out: (float(out[0]), int(out[1])))(subprocess.run(
+            [sys.executable, "-c", HF_PATH, str(base), str(work / f"p{small}-1" / "data" / "rows.jsonl"),
+             CHATML_GENERATION], env=ENV, capture_output=True, text=True, check=True).stdout.split())
+        bare_seconds, texts = bare_tokenizers(base, work / f"p{small}-1")
+        # Append 1% to the large source and rebuild with the chunk cache warm.
+        root = work / f"p{large}-{cores}"
+        write_rows(root / "data" / "rows.jsonl", rows, large // 100, start=large)
+        append_seconds, _ = build(root, cold=False)
+
+    print("\n| run | rows | seconds | rows/s | peak RSS MiB |\n|---|---|---|---|---|")
+    print(f"| HF apply_chat_template + assistant mask, 1 process | {small} | {hf_seconds:.2f} | "
+          f"{small / hf_seconds:.0f} | |")
+    print(f"| bare tokenizers encode_batch (rendered texts, in process) | {texts} | {bare_seconds:.2f} | "
+          f"{texts / bare_seconds:.0f} | |")
+    for (size, workers), (seconds, rss) in sorted(results.items()):
+        print(f"| tunefile build --until dataset, {workers} worker(s) | {size} | {seconds:.2f} | "
+              f"{size / seconds:.0f} | {rss:.0f} |")
+    print(f"| append {large // 100} rows (1%) and rebuild, {cores} workers | {large + large // 100} | "
+          f"{append_seconds:.2f} | | |")
+    fast, slow = results[small, cores][0], results[small, 1][0]
+    per_row = {size: results[size, cores][0] / size for size in (small, large)}
+    rss = {size: results[size, cores][1] for size in (small, large)}
+    checks = [
+        ("tunefile (all cores) / HF path time", fast / hf_seconds, "<=", 1 / 3),
+        ("tunefile per-row throughput / bare tokenizers (1 worker)", (small / slow) / (texts / bare_seconds), ">=", 0.5),
+        ("tunefile per-row throughput / bare tokenizers (all cores)", (small / fast) / (texts / bare_seconds), ">=", 0.5),
+        (f"time per row at {large} / at {small}", per_row[large] / per_row[small], "<=", 1.25),
+        (f"peak RSS at {large} / at {small}", rss[large] / rss[small], "<=", 1.5),
+        ("append-1% rebuild / cold build", append_seconds / results[large, cores][0], "<=", 0.10),
+        ("1 worker / all cores time", slow / fast, ">=", 1.0),
+    ]
+    print("\n| ratio | value | target | met |\n|---|---|---|---|")
+    for name, value, op, target in checks:
+        met = value <= target if op == "<=" else value >= target
+        print(f"| {name} | {value:.3f} | {op} {target:.3g} | {'yes' if met else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
