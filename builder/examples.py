@@ -132,35 +132,33 @@ def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
     batches of WRITE_BATCH rows taken from it in order (mapped and unmapped per batch)."""
     import tempfile
 
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = examples_schema(with_digest=False)
-    rank = {name: k for k, name in enumerate(sources)}
-    needed = sorted(set(refs), key=lambda ref: (rank[ref[0]], ref[1]))
-    position: dict[tuple[str, int], int] = {}
+    names = list(sources)
+    base = np.cumsum([0] + [len(sources[n]) for n in names])  # a row's global number: base[source] + row
+    index = {name: k for k, name in enumerate(names)}
+    wanted = np.fromiter((base[index[name]] + i for name, i in refs), dtype=np.int64, count=len(refs))
+    needed, position = np.unique(wanted, return_inverse=True)  # sorted: source order, then chunk order
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gather-") as tmp:
         gathered = Path(tmp) / "rows.arrow"
         with pa.ipc.new_file(str(gathered), schema) as writer:
-            start = 0
-            while start < len(needed):
-                name, first = needed[start]
-                rows, chunk = sources[name], sources[name].chunk_of[first]
-                end = start
-                while end < len(needed) and needed[end][0] == name and rows.chunk_of[needed[end][1]] == chunk:
-                    end += 1
-                table = pq.ParquetFile(rows.paths[chunk]).read(columns=schema.names)
-                part = table.take(pa.array([rows.local[i] for _, i in needed[start:end]], type=pa.int64()))
-                writer.write_table(part.cast(schema))
-                position.update((ref, len(position)) for ref in needed[start:end])
-                start = end
+            source_of = np.searchsorted(base, needed, side="right") - 1
+            for k, name in enumerate(names):
+                rows = needed[source_of == k] - base[k]
+                chunk_of = sources[name].chunk_of[rows]
+                for chunk in np.unique(chunk_of):
+                    local = sources[name].local[rows[chunk_of == chunk]]
+                    table = pq.ParquetFile(sources[name].paths[chunk]).read(columns=schema.names)
+                    writer.write_table(table.take(pa.array(local, type=pa.int64())).cast(schema))
         with pq.ParquetWriter(path, schema, compression="zstd") as out:
             if not refs:
                 out.write_table(schema.empty_table())
             for begin in range(0, len(refs), WRITE_BATCH):
                 with pa.memory_map(str(gathered)) as source:
                     table = pa.ipc.open_file(source).read_all()
-                    batch = table.take(pa.array([position[r] for r in refs[begin:begin + WRITE_BATCH]],
-                                                type=pa.int64())).combine_chunks()
+                    batch = table.take(pa.array(position[begin:begin + WRITE_BATCH], type=pa.int64())).combine_chunks()
                     out.write_table(batch)
                     del table, batch

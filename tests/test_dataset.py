@@ -349,3 +349,91 @@ def test_a_template_without_end_of_turn_trains_an_appended_eos(project, tiny_tok
     build(project)
     assert "will not learn to stop" in capsys.readouterr().err
     assert all(eos not in r["input_ids"] for r in rows(project))
+
+
+def test_output_bytes_do_not_depend_on_the_number_of_workers(project):
+    import builder.shards as shards
+
+    rows_a = alpaca(*[(f"Say the number {i}.", f"It is {i}.") for i in range(120)])
+    (project / "data" / "a.jsonl").write_text(rows_a)
+    (project / "data" / "b.jsonl").write_text(alpaca(*[(f"Spell {w}.", " ".join(w)) for w in ("cat", "dog", "owl")]))
+    write_recipe(project, "mixture: {size: 90, seed: 3, eval_fraction: 0.1}\nsources:\n"
+                          "  - {name: a, path: data/a.jsonl, format: alpaca, weight: 2}\n"
+                          "  - {name: b, path: data/b.jsonl, format: alpaca}\n")
+    names = ["train.parquet", "eval.parquet", "rejects.jsonl", "stats.json", "mixture.png"]
+    outputs = {}
+    for workers in (1, 2):
+        (project / "params.yaml").write_text(f"recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\nworkers: {workers}\n")
+        shutil.rmtree(project / ".tunefile", ignore_errors=True)
+        shutil.rmtree(project / "build", ignore_errors=True)
+        original = shards.CHUNK_ROWS
+        shards.CHUNK_ROWS = 16  # several chunks per source, so the pool really splits the work
+        try:
+            stats = build(project)
+        finally:
+            shards.CHUNK_ROWS = original
+        manifest = json.loads((project / "build/r/dataset/manifest.json").read_text())
+        assert manifest["summary"]["chunks"]["a"] == {"built": 8}
+        outputs[workers] = {n: (project / "build/r/dataset" / n).read_bytes() for n in names}
+    assert outputs[1] == outputs[2]
+    assert stats["train_examples"] == 90
+
+
+def test_appending_rows_tokenizes_only_the_new_chunks_and_an_edit_only_its_chunk(project, monkeypatch):
+    import builder.shards as shards
+
+    monkeypatch.setattr(shards, "CHUNK_ROWS", 10)
+    path = project / "data" / "a.jsonl"
+    path.write_text(alpaca(*[(f"Say the number {i}.", f"It is {i}.") for i in range(40)]))
+    write_recipe(project, "sources:\n  - {name: a, path: data/a.jsonl, format: alpaca}\n")
+
+    def chunks() -> dict:
+        return json.loads((project / "build/r/dataset/manifest.json").read_text())["summary"]["chunks"]["a"]
+
+    build(project)
+    assert chunks() == {"built": 4}
+    with open(path, "a") as f:
+        f.write(alpaca(*[(f"Say the number {i}.", f"It is {i}.") for i in range(40, 45)]))
+    build(project)
+    assert chunks() == {"built": 1, "cached": 4}
+    lines = path.read_text().splitlines()
+    lines[12] = json.dumps({"instruction": "Say twelve.", "output": "Twelve."})
+    path.write_text("\n".join(lines) + "\n")
+    assert build(project)["train_examples"] == 45
+    assert chunks() == {"built": 1, "cached": 4}
+    assert "Twelve." in {r["messages"][-1]["content"] for r in rows(project)}
+    # A cold build of the same file gives the same bytes as the incremental one.
+    incremental = (project / "build/r/dataset/train.parquet").read_bytes()
+    shutil.rmtree(project / ".tunefile")
+    shutil.rmtree(project / "build")
+    build(project)
+    assert chunks() == {"built": 5}
+    assert (project / "build/r/dataset/train.parquet").read_bytes() == incremental
+
+
+def test_curriculum_orders_simple_to_complex_and_shows_it(project):
+    singles = [json.dumps({"instruction": f"Q{i} " + "word " * (i % 7), "output": "A " * (1 + i % 5)}) for i in range(20)]
+    (project / "data" / "a.jsonl").write_text("\n".join(singles) + "\n")
+    multi = [{"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": "Hello."},
+                                {"from": "human", "value": "More?"}, {"from": "gpt", "value": "Yes " * (1 + i)}]}
+             for i in range(6)]
+    (project / "data" / "c.json").write_text(json.dumps(multi))
+    body = ("sources:\n  - {name: a, path: data/a.jsonl, format: alpaca}\n"
+            "  - {name: c, path: data/c.json, format: sharegpt}\n")
+    write_recipe(project, "mixture: {eval_fraction: 0.0, order: curriculum, seed: 4}\n" + body)
+    stats = build(project)
+    order = [(sum(m["role"] == "assistant" for m in r["messages"]),
+              sum(label != -100 for label in r["labels"])) for r in rows(project)]
+    assert order == sorted(order)  # turns first, then trained tokens
+    assert order[0][0] == 1 and order[-1][0] == 2
+    assert stats["mixture_order"] == "curriculum"
+    means = stats["length_by_position"]
+    assert means[-1] > means[0]
+    first = (project / "build/r/dataset/train.parquet").read_bytes()
+    shutil.rmtree(project / "build")
+    build(project)  # seeded: the same order again (ties included)
+    assert (project / "build/r/dataset/train.parquet").read_bytes() == first
+    write_recipe(project, "mixture: {eval_fraction: 0.0, seed: 4}\n" + body)
+    assert build(project)["mixture_order"] == "shuffle"
+    assert [(sum(m["role"] == "assistant" for m in r["messages"])) for r in rows(project)] != sorted(
+        sum(m["role"] == "assistant" for m in r["messages"]) for r in rows(project))

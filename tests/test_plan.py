@@ -156,13 +156,13 @@ def test_golden_keys(tmp_path, monkeypatch):
     keys = {s.name: s.key for s in plan_stages(project.load_recipe("golden"), project)}
     assert keys == {
         "base": "94fc260c1bfdf3bda9ff6fab109cd9f6",
-        "dataset": "3760b933c6c0c7f213399d9646e720d0",
-        "train": "4cf6491fe24267467782c1e5009907df",
-        "merge": "59b0567e93e597c80a8d70b4c28f031e",
-        "gguf": "7c8b7870d73003b5cab966a08a9e24d7",
-        "eval@f16": "2ff895b4252a351525f9faacdacc9a66",
-        "quantize@q8_0": "186151cbfc85dd82d99f970a3e21c9f3",
-        "eval@q8_0": "f73cd0f265129a3e756bd5e461652935",
+        "dataset": "a1212f200f8005c26b98dfdfaebc0f39",
+        "train": "ea6e8a7f2445a0e07312f0323dc50237",
+        "merge": "b1c2441363e8c262263569f89ce5b656",
+        "gguf": "cf019c14f6c0e33161fc190cdd51a6eb",
+        "eval@f16": "164143540fc71affc32c9189d14163e8",
+        "quantize@q8_0": "6266f4be29521cec8ac550b37b9225fa",
+        "eval@q8_0": "0b5eb96b456fd8cd74621766537be79a",
     }
 
 

@@ -76,7 +76,7 @@ def deduplicate(recipe: Recipe, sources: dict[str, SourceRows]) -> tuple[dict[st
         messages = rows.messages() if mixture.dedup == "near" else None
         rejects[name], kept[name] = list(rows.rejects), []
         for i, digest in enumerate(rows.digests):
-            drop = dedup.check(digest, next(messages) if messages else None, f"{name} {rows.where(i)}")
+            drop = dedup.check(digest, next(messages) if messages else None, rows.namer(i))
             if drop is None:
                 kept[name].append(i)
             else:
