@@ -596,3 +596,43 @@ def test_ollama_templates_render_like_the_jinja_ones(tmp_path, add_bos):
             done = subprocess.run([str(tmp_path / "render")], input=json.dumps(request), capture_output=True,
                                   text=True, check=True)
             assert done.stdout == expected, (name, messages)
+
+
+# --- fast paths: substitution rendering and flat-array labels ------------------------------------
+
+def test_substitution_is_used_only_where_proven_and_gives_jinja_text(tiny_tokenizer):
+    from builder.templates.substitute import substituted
+
+    variables = {"bos_token": "<s>", "eos_token": "</s>", "add_generation_prompt": False}
+    opaque = substituted(CHATML, CONVERSATION, variables)
+    assert opaque is not None and opaque[0] == hf_render(tiny_tokenizer, CHATML, CONVERSATION)
+    branches = ("{% for m in messages %}{% if m['content'].startswith('N') %}[N]{% endif %}"
+                "{{ m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}")
+    trims = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + '</s>' }}{% endfor %}"
+    dumps = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | tojson + '</s>' }}{% endfor %}"
+    measures = "{% for m in messages %}{% if m['content'] %}{{ m['content'] + '</s>' }}{% endif %}{% endfor %}"
+    for template in (branches, trims, dumps, measures):
+        assert substituted(template, CONVERSATION, variables) is None, template
+        assert render_chat(template, CONVERSATION).text == hf_render(tiny_tokenizer, template, CONVERSATION)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_batch_labels_equal_the_per_row_path(tiny_tokenizer, name):
+    """tokenize_batch (the dataset path: char-to-token ranges into flat arrays) gives exactly the
+    ids, labels and refusals of tokenize_chats (offsets, one row at a time)."""
+    from builder.templates.tokens import tokenize_batch
+
+    template = BUILTIN_TEMPLATES[name].read_text()
+    conversations = [CONVERSATION, SHAPES["one_turn"], SHAPES["whitespace"], SHAPES["markup"],
+                     [{"role": "user", "content": "Ünïcödé ✓ 北京?"}, {"role": "assistant", "content": "Ça va 😀 中文."}],
+                     [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]]
+    chats = tokenize_chats(template, conversations, tiny_tokenizer)
+    batch, rows = tokenize_batch(template, conversations, tiny_tokenizer)
+    for chat, row in zip(chats, rows):
+        if isinstance(chat, TemplateError):
+            assert isinstance(row, TemplateError) and (row.reason, str(row)) == (chat.reason, str(chat))
+            continue
+        start, stop = batch.bounds[row], batch.bounds[row + 1]
+        assert batch.ids[start:stop].tolist() == chat.input_ids
+        assert batch.labels[start:stop].tolist() == chat.labels
+        assert batch.texts[row] == chat.text
