@@ -122,14 +122,16 @@ def examples_table(examples: Examples):
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
-WRITE_BATCH = 16384  # rows a split file is written in (one parquet row group each)
+WRITE_BATCH = 4096  # rows of a split file's row groups, at least (more for huge splits: <= MAX_BUCKETS groups)
+MAX_BUCKETS = 256
 
 
 def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
     """Write the examples `refs` names ((source, row) pairs, in output order, repeats allowed) as a
-    split file, with memory flat in the number of rows: each needed row is gathered once, chunk by
-    chunk, into an uncompressed Arrow file beside the output; then the output is written in
-    batches of WRITE_BATCH rows taken from it in order (mapped and unmapped per batch)."""
+    split file, with memory flat in the number of rows. An external shuffle in two sequential
+    passes: each chunk is read once and its rows are appended to the bucket file of the row group
+    they go to (with their output position); then each bucket is read, put in order and written
+    as one row group. Memory holds one chunk or one bucket at a time; nothing is read at random."""
     import tempfile
 
     import numpy as np
@@ -138,27 +140,42 @@ def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
 
     schema = examples_schema(with_digest=False)
     names = list(sources)
-    base = np.cumsum([0] + [len(sources[n]) for n in names])  # a row's global number: base[source] + row
     index = {name: k for k, name in enumerate(names)}
-    wanted = np.fromiter((base[index[name]] + i for name, i in refs), dtype=np.int64, count=len(refs))
-    needed, position = np.unique(wanted, return_inverse=True)  # sorted: source order, then chunk order
+    source_of = np.fromiter((index[name] for name, _ in refs), dtype=np.int64, count=len(refs))
+    row_of = np.fromiter((i for _, i in refs), dtype=np.int64, count=len(refs))
+    size = max(WRITE_BATCH, -(-len(refs) // MAX_BUCKETS))
+    buckets = -(-len(refs) // size)
+    keyed = schema.append(pa.field("position", pa.int64()))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gather-") as tmp:
-        gathered = Path(tmp) / "rows.arrow"
-        with pa.ipc.new_file(str(gathered), schema) as writer:
-            source_of = np.searchsorted(base, needed, side="right") - 1
+        files = [Path(tmp) / f"{b}.arrow" for b in range(buckets)]
+        writers = [pa.ipc.new_file(str(f), keyed) for f in files]
+        try:
             for k, name in enumerate(names):
-                rows = needed[source_of == k] - base[k]
-                chunk_of = sources[name].chunk_of[rows]
+                mine = np.flatnonzero(source_of == k)  # output positions drawn from this source
+                chunk_of = sources[name].chunk_of[row_of[mine]]
                 for chunk in np.unique(chunk_of):
-                    local = sources[name].local[rows[chunk_of == chunk]]
-                    table = pq.ParquetFile(sources[name].paths[chunk]).read(columns=schema.names)
-                    writer.write_table(table.take(pa.array(local, type=pa.int64())).cast(schema))
+                    positions = mine[chunk_of == chunk]
+                    local = sources[name].local[row_of[positions]]
+                    table = pq.ParquetFile(sources[name].paths[chunk]).read(columns=schema.names).cast(schema)
+                    by_bucket = np.argsort(positions // size, kind="stable")  # one take, then slices
+                    positions, local = positions[by_bucket], local[by_bucket]
+                    part = (table.take(pa.array(local, type=pa.int64())).append_column("position", pa.array(positions))
+                            .combine_chunks())
+                    buckets_here, first = np.unique(positions // size, return_index=True)
+                    for b, begin, end in zip(buckets_here, first, [*first[1:], len(positions)]):
+                        for batch in part.slice(begin, end - begin).to_batches():
+                            writers[b].write_batch(batch)
+                    del table, part
+        finally:
+            for writer in writers:
+                writer.close()
         with pq.ParquetWriter(path, schema, compression="zstd") as out:
             if not refs:
                 out.write_table(schema.empty_table())
-            for begin in range(0, len(refs), WRITE_BATCH):
-                with pa.memory_map(str(gathered)) as source:
-                    table = pa.ipc.open_file(source).read_all()
-                    batch = table.take(pa.array(position[begin:begin + WRITE_BATCH], type=pa.int64())).combine_chunks()
-                    out.write_table(batch)
-                    del table, batch
+            for file in files:
+                with pa.OSFile(str(file)) as source:
+                    bucket = pa.ipc.open_file(source).read_all()
+                order = np.argsort(bucket.column("position").to_numpy())
+                out.write_table(bucket.take(pa.array(order)).drop_columns(["position"]).combine_chunks())
+                del bucket
+                file.unlink()

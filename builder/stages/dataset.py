@@ -141,28 +141,36 @@ def run(ctx: StageContext) -> dict:
     recipe, root, base_dir = ctx.recipe, ctx.project.root, ctx.input_dir("base")
     template = read_template(recipe.template, root, base_dir)
     check_recipe_template(recipe, template, {"bos_token": None, "eos_token": None, **special_tokens(base_dir)})
-    laps = [("start", time.perf_counter())]
+    laps = [("start", time.perf_counter(), _peak_rss_mib())]
     sources = load_sources(ctx, template)
-    laps.append(("read_and_tokenize", time.perf_counter()))
+    laps.append(("read_and_tokenize", time.perf_counter(), _peak_rss_mib()))
     kept, rejects = deduplicate(recipe, sources)
     eval_rows, pools = split_eval(recipe, root, sources, kept, rejects)
     picked = draw_mixture(recipe, pools)
     train = order_rows(recipe.mixture, [(name, i) for name in picked for i in picked[name]], sources)
     held_out = [(name, i) for name in eval_rows for i in sorted(eval_rows[name])]
     summary = summarize(recipe, sources, kept, rejects, eval_rows, pools, picked, train, held_out)
-    laps.append(("mix", time.perf_counter()))
+    laps.append(("mix", time.perf_counter(), _peak_rss_mib()))
     (ctx.out_dir / "stats.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
     write_rows(ctx.out_dir / "train.parquet", train, sources)
     write_rows(ctx.out_dir / "eval.parquet", held_out, sources)
     write_rejects(ctx.out_dir / "rejects.jsonl", rejects)
-    laps.append(("write", time.perf_counter()))
+    laps.append(("write", time.perf_counter(), _peak_rss_mib()))
     write_mixture_png(summary, ctx.out_dir / "mixture.png")
-    laps.append(("report", time.perf_counter()))
+    laps.append(("report", time.perf_counter(), _peak_rss_mib()))
     chunks = {name: Counter("cached" if c.cached else "built" for c in rows.chunks) for name, rows in sources.items()}
     return {"train_examples": len(train), "eval_examples": len(held_out), "rejected": summary["rejected"],
             "shards": {name: "built" if c["built"] else "cached" for name, c in chunks.items()},
             "chunks": {name: dict(sorted(c.items())) for name, c in chunks.items()},
-            "seconds": {name: round(t - laps[k][1], 3) for k, (name, t) in enumerate(laps[1:])}}
+            "seconds": {name: round(t - laps[k][1], 3) for k, (name, t, _) in enumerate(laps[1:])},
+            "peak_rss_mib": {name: rss for name, _, rss in laps}}
+
+
+def _peak_rss_mib() -> int:
+    """This process's peak resident memory so far (the workers' is their own)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 POSITION_BINS = 20
