@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.arrow import int64s, lists, numbers, strings
 from builder.hashing import hash_value
 from builder.records import Conversation, with_system_prompt
 from builder.sources import Reject
@@ -103,21 +104,21 @@ def examples_table(examples: Examples):
     message_offsets = np.zeros(len(convs) + 1, dtype=np.int32)
     np.cumsum([len(c.messages) for c in convs], out=message_offsets[1:])
     messages = pa.StructArray.from_arrays(
-        [pa.array([m.role for c in convs for m in c.messages], pa.string()),
-         pa.array([m.content for c in convs for m in c.messages], pa.string())], names=["role", "content"])
+        [strings([m.role for c in convs for m in c.messages]),
+         strings([m.content for c in convs for m in c.messages])], names=["role", "content"])
     columns = {
-        "source": pa.array([c.source for c in convs], pa.string()),
-        "file": pa.array([c.file for c in convs], pa.string()),
-        "row": pa.array([c.row for c in convs], pa.int64()),
-        "messages": pa.ListArray.from_arrays(pa.array(message_offsets), messages),
-        "rejected": pa.array([c.rejected for c in convs], pa.string()),
-        "text": pa.array([batch.texts[r] for r in examples.rows], pa.string()),
-        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int32())),
-        "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels, pa.int32())),
-        "digest": pa.array(examples.digests, pa.string()),
-        "tokens": pa.array(lengths.astype(np.int32), pa.int32()),
-        "trained": pa.array(np.asarray(trained, dtype=np.int32), pa.int32()),
-        "turns": pa.array(turns, pa.int32()),
+        "source": strings([c.source for c in convs]),
+        "file": strings([c.file for c in convs]),
+        "row": numbers([c.row for c in convs]),
+        "messages": lists(message_offsets, messages),
+        "rejected": strings([c.rejected for c in convs]),
+        "text": strings([batch.texts[r] for r in examples.rows]),
+        "input_ids": lists(offsets, numbers(ids, np.int32)),
+        "labels": lists(offsets, numbers(labels, np.int32)),
+        "digest": strings(examples.digests),
+        "tokens": numbers(lengths, np.int32),
+        "trained": numbers(trained, np.int32),
+        "turns": numbers(turns, np.int32),
     }
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
@@ -159,7 +160,7 @@ def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
                     table = pq.ParquetFile(sources[name].paths[chunk]).read(columns=schema.names).cast(schema)
                     by_bucket = np.argsort(positions // size, kind="stable")  # one take, then slices
                     positions, local = positions[by_bucket], local[by_bucket]
-                    part = (table.take(pa.array(local, type=pa.int64())).append_column("position", pa.array(positions))
+                    part = (table.take(numbers(local)).append_column("position", numbers(positions))
                             .combine_chunks())
                     buckets_here, first = np.unique(positions // size, return_index=True)
                     for b, begin, end in zip(buckets_here, first, [*first[1:], len(positions)]):
@@ -171,11 +172,11 @@ def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
                 writer.close()
         with pq.ParquetWriter(path, schema, compression="zstd") as out:
             if not refs:
-                out.write_table(schema.empty_table())
+                out.write_table(pa.Table.from_batches([], schema=schema))
             for file in files:
                 with pa.OSFile(str(file)) as source:
                     bucket = pa.ipc.open_file(source).read_all()
-                order = np.argsort(bucket.column("position").to_numpy())
-                out.write_table(bucket.take(pa.array(order)).drop_columns(["position"]).combine_chunks())
+                order = np.argsort(np.concatenate([int64s(c) for c in bucket.column("position").chunks]))
+                out.write_table(bucket.take(numbers(order)).drop_columns(["position"]).combine_chunks())
                 del bucket
                 file.unlink()

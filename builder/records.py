@@ -45,6 +45,12 @@ def make_conversation(messages: list[tuple[str, object]], source: str, row: int,
             raise RowError("bad_role", f"message {i} has role {role!r}; allowed: {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise RowError("bad_type", f"message {i} content is {type(content).__name__}, not text")
+        if not content.isascii():
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a JSON "\udc80" escape
+                raise RowError("bad_encoding", f"message {i} has a character that is not valid text "
+                                               f"({content[exc.start]!r} at {exc.start})") from None
         checked.append(Message(role, content))
     body = checked[1:] if checked and checked[0].role == "system" else checked
     if not body:

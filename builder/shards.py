@@ -166,14 +166,8 @@ class ChunkBuilder:
 
     def __enter__(self) -> "ChunkBuilder":
         if self.workers > 1:
-            import importlib.util
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-
-            # pyarrow imports pandas (half a second) the first time it converts Python values; this
-            # process does too, later: importing it before the fork spares every worker its own import.
-            if importlib.util.find_spec("pandas") is not None:
-                import pandas  # noqa: F401
 
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
