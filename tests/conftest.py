@@ -18,6 +18,20 @@ def tiny_tokenizer():
     return train_tokenizer(BUILTIN_MODELS["tiny-llama"])
 
 
+@pytest.fixture
+def tokenizer_project(tmp_path, tiny_tokenizer, monkeypatch):
+    """An empty project (recipes/, data/, params.yaml for recipe `r`) whose base model is a folder
+    holding only the tiny tokenizer and a config: dataset builds in seconds. The current folder."""
+    root = tmp_path / "p"
+    (root / "recipes").mkdir(parents=True)
+    (root / "data").mkdir()
+    tiny_tokenizer.save_pretrained(root / "models" / "tok")
+    (root / "models" / "tok" / "config.json").write_text('{"model_type": "llama"}\n')
+    (root / "params.yaml").write_text("recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\n")
+    monkeypatch.chdir(root)
+    return root
+
+
 def make_project(root: Path, recipe_text: str | None = None, name: str = "default") -> Path:
     """A project folder with the repo's data, params.yaml and one recipe (default: the repo's)."""
     root.mkdir(parents=True, exist_ok=True)

@@ -20,18 +20,11 @@ ROWS = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n
 
 
 @pytest.fixture
-def project(tmp_path, tiny_tokenizer, monkeypatch):
+def project(tokenizer_project):
     """A project with a tokenizer-only base and one good recipe `r`."""
-    root = tmp_path / "p"
-    (root / "recipes").mkdir(parents=True)
-    (root / "data").mkdir()
-    tiny_tokenizer.save_pretrained(root / "models" / "tok")
-    (root / "models" / "tok" / "config.json").write_text('{"model_type": "llama"}\n')
-    (root / "params.yaml").write_text("recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\n")
-    (root / "recipes" / "r.yaml").write_text(GOOD)
-    (root / "data" / "a.jsonl").write_text(ROWS)
-    monkeypatch.chdir(root)
-    return root
+    (tokenizer_project / "recipes" / "r.yaml").write_text(GOOD)
+    (tokenizer_project / "data" / "a.jsonl").write_text(ROWS)
+    return tokenizer_project
 
 
 def recipe(root: Path, text: str, name: str = "r") -> None:

@@ -21,16 +21,9 @@ LONG = ("The quick brown fox jumps over the lazy dog while the farmer watches fr
 
 
 @pytest.fixture
-def project(tmp_path, tiny_tokenizer, monkeypatch):
+def project(tokenizer_project):
     """A project whose base model is a folder holding only the tiny tokenizer and a config."""
-    root = tmp_path / "p"
-    (root / "recipes").mkdir(parents=True)
-    (root / "data").mkdir()
-    tiny_tokenizer.save_pretrained(root / "models" / "tok")
-    (root / "models" / "tok" / "config.json").write_text('{"model_type": "llama"}\n')
-    (root / "params.yaml").write_text("recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\n")
-    monkeypatch.chdir(root)
-    return root
+    return tokenizer_project
 
 
 def alpaca(*pairs: tuple[str, str]) -> str:
