@@ -84,7 +84,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_recipe(project, recipe_name: str, until: str | None, out=None) -> None:  # noqa: ANN001
+def build_recipe(project, recipe_name: str, until: str | None, out=None):  # noqa: ANN001, ANN201
+    """Build the recipe's stale stages (up to `until`) in order; return the recipe."""
     from builder.stages import is_built, recipe_lock, run_stage
 
     recipe, plan = _stage_map(project, recipe_name)
@@ -98,6 +99,7 @@ def build_recipe(project, recipe_name: str, until: str | None, out=None) -> None
                 print(f"{recipe.name}/{name}: up to date", file=out)
                 continue
             _report(recipe.name, name, run_stage(project, recipe, plan[name], plan), out)
+    return recipe
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -111,8 +113,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from builder.report import format_stats_table
 
     project = _project()
-    recipe = project.load_recipe(args.recipe)
-    build_recipe(project, args.recipe, "dataset", out=sys.stderr)  # a no-op when the dataset is current
+    recipe = build_recipe(project, args.recipe, "dataset", out=sys.stderr)  # a no-op when the dataset is current
     folder = project.stage_dir(recipe.name, "dataset")
     stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
     print(format_stats_table(stats, color=sys.stdout.isatty()), end="")

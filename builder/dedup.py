@@ -271,13 +271,12 @@ class Deduplicator:
         self.count = 0
 
     def check(self, digest: str, messages: list[dict] | None, where) -> tuple[str, str] | None:  # noqa: ANN001
-        """None to keep the example, else (reason, detail). `where` names it in a detail (a string,
-        or a function making one: formatted only for a duplicate, so a million rows cost no strings)."""
+        """None to keep the example, else (reason, detail). `where` is a function naming the example,
+        called only for the detail of a duplicate, so a million rows cost no strings."""
         if self.mode == "none":
             return None
         if digest in self.seen:
-            first = self.seen[digest]
-            return "duplicate", f"same as {first() if callable(first) else first}"
+            return "duplicate", f"same as {self.seen[digest]()}"
         self.seen[digest] = where
         if self.near is not None:
             self.count += 1

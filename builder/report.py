@@ -36,17 +36,17 @@ HISTOGRAM_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 3276
 
 
 def source_stats(rows, kept: list[int], rejects: list, eval_rows: set[int], pool: list[int],  # noqa: ANN001
-                 picked: list[int], deliberate: set[str] = DELIBERATE) -> dict:
+                 picked: list[int]) -> dict:
     """One source's line of stats.json: what it gave, lost, and weighs in the mixture."""
     from collections import Counter
 
     tokens, trained = rows.tokens[picked], rows.trained[picked]
     reasons = Counter(r.reason for r in rejects)
     return {"rows": rows.rows_read, "conversations": rows.conversations,
-            "malformed": sum(r.reason not in deliberate for r in rows.rejects), "usable": len(kept),
+            "malformed": sum(r.reason not in DELIBERATE for r in rows.rejects), "usable": len(kept),
             "rejected": dict(sorted(reasons.items())), "eval": len(eval_rows),
             "deduplicated": sum(n for r, n in reasons.items() if r in DEDUPLICATED),
-            "filtered": sum(n for r, n in reasons.items() if r in deliberate - DEDUPLICATED),
+            "filtered": sum(n for r, n in reasons.items() if r in DELIBERATE - DEDUPLICATED),
             "train_pool": len(pool), "sampled": len(picked), "tokens": int(tokens.sum()),
             "trained_tokens": int(trained.sum()),
             "mean_tokens": round(float(tokens.sum()) / len(tokens), 1) if len(tokens) else 0.0,

@@ -178,7 +178,7 @@ class ChunkBuilder:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def load(self, settings: ShardSettings, root: Path, on_chunk=None) -> list[ChunkResult]:  # noqa: ANN001
+    def load(self, settings: ShardSettings, root: Path) -> list[ChunkResult]:
         """Every chunk of the source, in order: from the store, else built."""
         store = StageStore(Path(settings.cache_dir), NAMESPACE)
         results: list[ChunkResult | None] = []
@@ -194,8 +194,6 @@ class ChunkBuilder:
                     while len(pending) > 2 * self.workers:
                         index, future = pending.popleft()
                         results[index] = future.result()
-            if on_chunk is not None:
-                on_chunk(chunk)
         for index, future in pending:
             results[index] = future.result()
         return results  # type: ignore[return-value]

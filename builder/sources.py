@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -244,7 +245,7 @@ class RawChunk:
 
     def numbered(self) -> Iterator[tuple[int, object]]:
         if self.lines is not None:
-            return parse_jsonl_lines(self.lines.splitlines(keepends=True), self.first)
+            return parse_jsonl_lines(io.BytesIO(self.lines), self.first)  # split as the file was: at \\n only
         return iter(self.rows)
 
 
@@ -253,7 +254,7 @@ def raw_chunks(spec: SourceSpec, root: Path, size: int) -> Iterator[RawChunk]:
     import xxhash
 
     for rel, numbered in _row_groups(spec, root):
-        path = root / rel if not Path(rel).is_absolute() else Path(rel)
+        path = root / rel  # an absolute rel (a file outside the project) stays itself
         if rel.endswith(".jsonl") and path.is_file():
             with open(path, "rb") as f:
                 first = 1

@@ -91,3 +91,18 @@ def test_sampling_upsamples_whole_passes_then_samples():
 def test_eval_split_is_a_function_of_the_example():
     assert is_eval_example("0" * 32, 0.05) and not is_eval_example("f" * 32, 0.05)
     assert not is_eval_example("0" * 32, 0.0)
+
+
+def test_jsonl_chunks_split_lines_as_the_file_reader_does(tmp_path):
+    """A carriage return inside a line (JSON whitespace) is not a line break: chunked reading and
+    plain reading give the same rows and row numbers."""
+    from builder.recipe import SourceSpec
+    from builder.sources import raw_chunks, read_source, to_conversations
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"instruction": "Hi",\r "output": "Hello."}\n\n{"instruction": "Yo", "output": "Yes."}\n')
+    spec = SourceSpec(name="a", path="a.jsonl", format="alpaca")
+    plain = read_source(spec, tmp_path)
+    chunked = [to_conversations(spec, c.file, c.numbered()) for c in raw_chunks(spec, tmp_path, 2)]
+    assert [(c.row, c.messages) for c in plain[0]] == [(c.row, c.messages) for got in chunked for c in got[0]]
+    assert [c.row for c in plain[0]] == [1, 3] and not plain[1]

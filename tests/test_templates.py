@@ -636,3 +636,23 @@ def test_batch_labels_equal_the_per_row_path(tiny_tokenizer, name):
         assert batch.ids[start:stop].tolist() == chat.input_ids
         assert batch.labels[start:stop].tolist() == chat.labels
         assert batch.texts[row] == chat.text
+
+
+def test_batch_path_without_a_rust_backend_matches_the_fast_one(tiny_tokenizer):
+    """A tokenizer with no backend_tokenizer (a slow one) takes the per-row fallback of
+    tokenize_batch: the same ids, labels and refusals as the char-to-token path."""
+    from builder.templates.tokens import tokenize_batch
+
+    class Slow:  # what a slow HF tokenizer offers: __call__ with offsets, special tokens, BOS id
+        bos_token_id = tiny_tokenizer.bos_token_id
+        special_tokens_map = tiny_tokenizer.special_tokens_map
+
+        def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+            return tiny_tokenizer(*args, **kwargs)
+
+    conversations = [CONVERSATION, SHAPES["markup"], [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]]
+    fast, fast_rows = tokenize_batch(CHATML, conversations, tiny_tokenizer)
+    slow, slow_rows = tokenize_batch(CHATML, conversations, Slow())
+    assert [type(r) for r in slow_rows] == [type(r) for r in fast_rows]
+    assert slow.ids.tolist() == fast.ids.tolist() and slow.labels.tolist() == fast.labels.tolist()
+    assert slow.bounds.tolist() == fast.bounds.tolist() and slow.texts == fast.texts

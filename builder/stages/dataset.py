@@ -25,7 +25,7 @@ from builder.errors import DataError
 from builder.examples import write_rows
 from builder.mixture import allocate_counts, cap_pools, order_rows, pick_eval, sample_examples
 from builder.recipe import Recipe
-from builder.report import DELIBERATE, length_histogram, source_stats, write_mixture_png
+from builder.report import length_histogram, source_stats, write_mixture_png
 from builder.shards import ChunkBuilder, SourceRows, check_reject_rate, shard_settings
 from builder.sources import Reject
 from builder.stages import StageContext
@@ -121,7 +121,7 @@ def summarize(recipe: Recipe, sources: dict[str, SourceRows], kept: dict, reject
               pools: dict, picked: dict, train: list, held_out: list) -> dict:
     """stats.json: per source counts, totals, the length histogram and the length along the order."""
     stats = {name: source_stats(sources[name], kept[name], rejects[name], eval_rows[name], pools[name],
-                                picked[name], DELIBERATE) for name in sources}
+                                picked[name]) for name in sources}
     return {"sources": stats, "order": [s.name for s in recipe.sources], "train_examples": len(train),
             "eval_examples": len(held_out), "rejected": sum(len(r) for r in rejects.values()),
             "mixture_order": recipe.mixture.order,

@@ -246,19 +246,17 @@ def tokenize_batch(template_source: str, conversations: list[list[dict]], tokeni
 def _batch_from_chats(rendered: list[RenderedChat], tokenizer, outcome: list) -> tuple[TokenBatch, list]:  # noqa: ANN001
     import numpy as np
 
-    chats: list[TokenizedChat | TemplateError] = []
+    good: list[TokenizedChat] = []
+    rows: list[int | TemplateError] = []  # per rendered chat: its row in the batch, or its refusal
     for chat, (ids, offsets) in zip(rendered, encode_texts(tokenizer, [r.text for r in rendered])):
         try:
-            chats.append(_labelled(chat, ids, offsets, tokenizer.bos_token_id, is_prompt=False))
+            good.append(_labelled(chat, ids, offsets, tokenizer.bos_token_id, is_prompt=False))
+            rows.append(len(good) - 1)
         except TemplateError as exc:
-            chats.append(exc)
-    good = [c for c in chats if isinstance(c, TokenizedChat)]
+            rows.append(exc)
     bounds = np.zeros(len(good) + 1, dtype=np.int64)
     np.cumsum([len(c.input_ids) for c in good], out=bounds[1:])
     flat = np.asarray([t for c in good for t in c.input_ids], dtype=np.int32)
     labels = np.asarray([t for c in good for t in c.labels], dtype=np.int32)
-    rows, index = [], iter(range(len(good)))
-    for c in chats:
-        rows.append(c if isinstance(c, TemplateError) else next(index))
     return TokenBatch([c.text for c in good], flat, labels, bounds), [v if isinstance(v, TemplateError) else rows[v]
                                                                       for v in outcome]
