@@ -19,28 +19,10 @@ DEBUG_ENV = "TUNEFILE_DEBUG"  # =1: let exceptions through with their traceback
 
 
 def _project():
-    # Imported here: `tunefile resolve` on its fast path must not pay for pydantic and jinja2.
+    # Imported here: `tunefile doctor` and `vendor` need no recipe machinery (pydantic, jinja2).
     from builder.project import load_project
 
     return load_project()
-
-
-def _stage_map(project, recipe_name: str):
-    from builder.plan import plan_stages
-
-    recipe = project.load_recipe(recipe_name)
-    return recipe, {s.name: s for s in plan_stages(recipe, project)}
-
-
-def _needed(plan: dict, target: str) -> list[str]:
-    """target and everything upstream of it, in build order."""
-    wanted, todo = set(), [target]
-    while todo:
-        name = todo.pop()
-        if name not in wanted:
-            wanted.add(name)
-            todo += plan[name].upstream
-    return [name for name in plan if name in wanted]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -66,54 +48,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from builder.plan import explain_changes
-    from builder.stages import read_manifest
+    from builder.build import stage_map, stage_status
 
     project = _project()
-    recipe, plan = _stage_map(project, args.recipe)
+    recipe, plan = stage_map(project, args.recipe)
     for stage in plan.values():
-        manifest = read_manifest(project.stage_dir(recipe.name, stage.name))
-        if manifest is None:
-            status = "not built"
-        elif manifest.get("key") == stage.key:
-            status = "up to date"
-        else:
-            changes = explain_changes(manifest.get("inputs", {}), stage.inputs)
-            status = "stale: " + ("; ".join(changes) if changes else "key changed")
-        print(f"{stage.name:<20} {stage.key[:12]}  {status}")
+        print(f"{stage.name:<20} {stage.key[:12]}  {stage_status(project, stage)}")
     return 0
 
 
-def build_recipe(project, recipe_name: str, until: str | None, out=None):  # noqa: ANN001, ANN201
-    """Build the recipe's stale stages (up to `until`) in order; return the recipe."""
-    from builder.stages import is_built, recipe_lock, run_stage
-
-    recipe, plan = _stage_map(project, recipe_name)
-    target = until or list(plan)[-1]
-    if target not in plan:
-        raise TunefileError(f"--until {target}: no such stage in {recipe.name}; stages: {', '.join(plan)}")
-    names = _needed(plan, target) if until else list(plan)
-    with recipe_lock(project, recipe.name):
-        for name in names:
-            if is_built(project, plan[name]):
-                print(f"{recipe.name}/{name}: up to date", file=out)
-                continue
-            _report(recipe.name, name, run_stage(project, recipe, plan[name], plan), out)
-    return recipe
-
-
 def cmd_build(args: argparse.Namespace) -> int:
-    build_recipe(_project(), args.recipe, args.until)
+    from builder.build import build_recipe
+
+    build_recipe(_project(), args.recipe, args.until, say=print)
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
 
+    from builder.build import build_recipe
     from builder.report import format_stats_table
 
     project = _project()
-    recipe = build_recipe(project, args.recipe, "dataset", out=sys.stderr)  # a no-op when the dataset is current
+    # A no-op when the dataset is current; progress goes to stderr, the table to stdout.
+    recipe = build_recipe(project, args.recipe, "dataset", say=lambda line: print(line, file=sys.stderr))
     folder = project.stage_dir(recipe.name, "dataset")
     stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
     print(format_stats_table(stats, color=sys.stdout.isatty()), end="")
@@ -121,41 +80,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(recipe: str, stage: str, manifest: dict, out=None) -> None:  # noqa: ANN001
-    if manifest.get("worker"):  # a non-main rank of a multi-process train: rank 0 reports
-        return
-    how = "restored from the stage store" if manifest["restored_from_store"] else "built"
-    print(f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s", file=out)
-
-
 def cmd_stage(args: argparse.Namespace) -> int:
-    from builder.stages import run_stage
+    from builder.build import run_dvc_stage
 
-    project = _project()
-    recipe, plan = _stage_map(project, args.recipe)
-    if args.stage not in plan:
-        raise TunefileError(f"no stage '{args.stage}' in {recipe.name}; stages: {', '.join(plan)}")
-    _report(recipe.name, args.stage, run_stage(project, recipe, plan[args.stage], plan))
+    run_dvc_stage(_project(), args.recipe, args.stage, say=print)
     return 0
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from builder.project import find_root
     from builder.resolve import resolve
 
-    for name in resolve(find_root() or Path.cwd()):
-        print(f"{name}: key changed")
+    for line in resolve():
+        print(line)
     return 0
 
 
 def cmd_dvc(args: argparse.Namespace) -> int:
-    from builder.dvcgen import plan_project, render_dvc_yaml
+    from builder.resolve import dvc_yaml_text
 
-    project = _project()
-    text = render_dvc_yaml(project, plan_project(project))
-    path = project.root / "dvc.yaml"
+    path, text = dvc_yaml_text()
     current = path.read_text() if path.is_file() else None
     if args.check:
         if current != text:
@@ -169,22 +112,10 @@ def cmd_dvc(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import json
-
+    from builder.build import quant_report
     from builder.report import format_quant_table
-    from builder.stages import is_built
 
-    project = _project()
-    recipe, plan = _stage_map(project, args.recipe)
-    evals = [name for name in plan if name.startswith("eval@")]
-    stale = [name for name in ["train", *evals] if not is_built(project, plan[name])]
-    if stale:
-        raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {args.recipe}`")
-
-    def read(stage: str) -> dict:
-        return json.loads((project.stage_dir(recipe.name, stage) / "metrics.json").read_text(encoding="utf-8"))
-
-    print(format_quant_table(read("train"), {f"model-{e.split('@')[1]}.gguf": read(e) for e in evals}), end="")
+    print(format_quant_table(*quant_report(_project(), args.recipe)), end="")
     return 0
 
 
@@ -223,9 +154,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("build", help="build a recipe without DVC (same code as the DVC stages)")
     p.add_argument("recipe")
-    p.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. dataset, quantize@q8_0)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage or kind (dataset, quantize@q8_0, quantize)")
     p.set_defaults(func=cmd_build)
-    p = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    p = sub.add_parser("stage", help="run one stage, or every stage of a kind (what dvc.yaml calls)")
     p.add_argument("stage")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_stage)
@@ -243,7 +174,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="also write a scrollable HTML page")
     p.add_argument("--no-color", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
     p.set_defaults(func=cmd_preview)
-    p = sub.add_parser("resolve", help="write the per-stage spec files dvc.yaml depends on")
+    p = sub.add_parser("resolve", help="write the spec files dvc.yaml's stages depend on")
     p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("dvc", help="write (or --check) dvc.yaml from params.yaml")
     p.add_argument("--check", action="store_true")

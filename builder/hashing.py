@@ -6,7 +6,6 @@ hashed once per (size, mtime, inode); later plans read the digest from the stat 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import xxhash
@@ -66,8 +65,7 @@ class StatCache:
     def save(self) -> None:
         if self.path is None or not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(canonical_json(self.entries))
-        os.replace(tmp, self.path)
+        from builder.files import write_atomic
+
+        write_atomic(self.path, canonical_json(self.entries))
         self.dirty = False

@@ -19,6 +19,15 @@ from builder.recipe import Recipe
 from builder.templates import BUILTIN_TEMPLATES
 from builder.versions import library_version
 
+# The DVC stages of every recipe: one per stage kind, in build order, with the kinds it reads. The set
+# is the same whatever a recipe says, so no recipe edit changes dvc.yaml: a kind the recipe turns off
+# (export.merge: false) publishes a placeholder, and `quantize` and `eval` each run every type the
+# recipe lists (quantize@T in build/<recipe>/quantize/T/), building only the types whose key is new.
+PIPELINE: dict[str, tuple[str, ...]] = {
+    "base": (), "dataset": ("base",), "train": ("base", "dataset"), "merge": ("base", "train"),
+    "gguf": ("merge",), "quantize": ("gguf",), "eval": ("gguf", "quantize", "dataset"),
+}
+GROUPED = ("quantize", "eval")  # kinds with one stage per type, all in one DVC stage
 CODE_VERSIONS = {"base": 1, "dataset": 4, "train": 2, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
@@ -129,10 +138,31 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     return stages
 
 
-def spec_text(stage: Stage) -> str:
-    """The spec file DVC depends on: its bytes change iff the stage key changes."""
-    return json.dumps({"key": stage.key, "recipe": stage.recipe, "stage": stage.name,
-                       "inputs": stage.inputs}, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+def plan_project(project: Project, stat: StatCache | None = None) -> dict[str, list[Stage]]:
+    """Every recipe in params.yaml -> its stages (one stat cache for all of them)."""
+    own_cache = stat is None
+    stat = stat or StatCache(project.cache_dir / "stat-cache.json")
+    plans = {name: plan_stages(project.load_recipe(name), project, stat) for name in project.params.recipes}
+    if own_cache:
+        stat.save()
+    return plans
+
+
+def members(stages: list[Stage], kind: str) -> list[Stage]:
+    """The stages one DVC stage runs: those of its kind (none when the recipe turns the kind off)."""
+    return [s for s in stages if s.kind == kind]
+
+
+def spec_text(recipe: str, kind: str, stages: list[Stage]) -> str:
+    """The spec file of DVC stage `kind`: its bytes change iff the key of a stage it runs changes
+    (or one is added or removed). A single stage's spec also shows its inputs, for people."""
+    group = members(stages, kind)
+    if len(group) == 1 and kind not in GROUPED:
+        stage = group[0]
+        value = {"key": stage.key, "recipe": recipe, "stage": stage.name, "inputs": stage.inputs}
+    else:
+        value = {"recipe": recipe, "stage": kind, "keys": {s.name: s.key for s in group}}
+    return json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 
 
 def _flatten(value: object, prefix: str = "") -> dict[str, object]:

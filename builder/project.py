@@ -23,6 +23,19 @@ RECIPES_DIR = "recipes"
 BUILD_DIR = "build"
 
 
+class Launch(BaseModel):
+    """How the train stage is started: under `accelerate launch` when num_processes > 1 or a config
+    file is given (DDP, FSDP, DeepSpeed, multi-node: whatever the accelerate config says)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_processes: int = Field(default=1, gt=0)
+    config_file: Optional[str] = None  # an accelerate config (`accelerate config` writes one)
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1 or self.config_file is not None
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,6 +44,7 @@ class Params(BaseModel):
     cache_dir: str = ".tunefile"
     checkpoint_steps: int = Field(default=50, gt=0)  # train checkpoints (for resuming) every N steps
     workers: Optional[int] = Field(default=None, gt=0)  # dataset tokenizing processes (None: every core)
+    launch: Launch = Launch()
 
     @property
     def dataset_workers(self) -> int:
@@ -65,10 +79,14 @@ class Project:
         return self.root / BUILD_DIR / recipe
 
     def stage_dir(self, recipe: str, stage: str) -> Path:
-        return self.build_dir(recipe) / stage
+        """build/<recipe>/<stage>; a stage of one type lives in its kind's folder:
+        quantize@q8_0 -> build/<recipe>/quantize/q8_0 (one DVC out holds every type)."""
+        kind, _, param = stage.partition("@")
+        return self.build_dir(recipe) / kind / param if param else self.build_dir(recipe) / stage
 
-    def spec_path(self, recipe: str, stage: str) -> Path:
-        return self.build_dir(recipe) / "specs" / f"{stage}.json"
+    def spec_path(self, recipe: str, kind: str) -> Path:
+        """The spec file of one DVC stage (a stage kind): its bytes change iff a key in it changes."""
+        return self.build_dir(recipe) / "specs" / f"{kind}.json"
 
 
 def load_standalone() -> Project:

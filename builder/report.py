@@ -13,10 +13,9 @@ Output is deterministic: the same stats give the same text and the same PNG byte
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
+from builder.files import write_atomic
 from builder.recipe import FiltersSpec
 
 BOLD, DIM, RESET = "\x1b[1m", "\x1b[2m", "\x1b[0m"
@@ -195,7 +194,7 @@ def write_mixture_png(stats: dict, path: Path) -> None:
         draw.text((x + 18, y), name, fill="black", font=font)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=6)
-    _write_atomically(Path(path), buffer.getvalue())
+    write_atomic(Path(path), buffer.getvalue())
 
 
 def _frame(draw, font, box: tuple, title: str, xlabel: str) -> None:  # noqa: ANN001
@@ -263,19 +262,6 @@ def _draw_positions(draw, font, box, names, sources, colors, stats) -> None:  # 
               for j in range(len(means))]
     _frame(draw, font, box, f"mean tokens along the training order ({order})", "position in the train split")
     _bars(draw, font, box, columns, labels, max(means + [1]), "tokens")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the report is for everyone who reads the build
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:

@@ -14,10 +14,10 @@ SentencePiece ones), or whose comparison fails, are loaded by transformers as be
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.files import write_json
 from builder.hashing import hash_file, hash_value
 from builder.versions import library_version
 
@@ -74,10 +74,7 @@ def verify_fast_load(base_dir: Path, cache_dir: Path, hf=None) -> bool:  # noqa:
     backend = getattr(hf, "backend_tokenizer", None)
     equal = (backend is not None and backend.to_str() == raw.to_str()
              and _special_tokens(hf) == special_tokens(base_dir))
-    verdict_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = verdict_file.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"equal": equal}) + "\n")
-    tmp.replace(verdict_file)
+    write_json(verdict_file, {"equal": equal}, indent=None)
     return equal
 
 

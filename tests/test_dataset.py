@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from builder.cli import build_recipe, main
+from builder.build import build_recipe
+from builder.cli import main
 from builder.errors import DataError, RecipeError
 from builder.project import load_project
 

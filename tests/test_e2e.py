@@ -3,8 +3,10 @@
 Checks the outputs (token/label alignment, GGUF metadata, real Q8_0/Q4_K tensors, llama.cpp
 loads and answers), that a second repro is a no-op, that `tunefile build` elsewhere gives the
 same bytes, and then, edit by edit, that exactly the stale stages rerun: train.lr, reverting it,
-a new quant type, one source's row, a weight. Finally the results travel through a DVC remote
-to a fresh clone, and builds killed with SIGKILL during train and gguf rerun to the same bytes.
+a new quant type (no `tunefile dvc`: dvc.yaml does not change) and removing it again, one
+source's row, a weight. The results travel through a DVC remote to a fresh clone, builds killed
+with SIGKILL during train and gguf rerun to the same bytes, `dvc exp run -S` sets recipe keys
+(a quant list too), and `launch: {num_processes: 2}` in params.yaml trains under accelerate launch.
 The tests in this file run in order and share the repo.
 """
 from __future__ import annotations
@@ -29,10 +31,11 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@f16", "quantize@q8_0", "eval@q8_0", "quantize@q4_k_m",
           "eval@q4_k_m"]
+KINDS = ["base", "dataset", "train", "merge", "gguf", "quantize", "eval"]  # the DVC stages of a recipe
 DETERMINISTIC_FILES = ["dataset/train.parquet", "dataset/eval.parquet", "dataset/rejects.jsonl",
                        "base/model.safetensors", "train/adapter_model.safetensors", "train/adapter_config.json",
-                       "merge/model.safetensors", "gguf/model-f16.gguf", "quantize@q8_0/model-q8_0.gguf",
-                       "quantize@q4_k_m/model-q4_k_m.gguf"]
+                       "merge/model.safetensors", "gguf/model-f16.gguf", "quantize/q8_0/model-q8_0.gguf",
+                       "quantize/q4_k_m/model-q4_k_m.gguf"]
 
 
 def sh(cwd: Path, *cmd: str) -> str:
@@ -53,16 +56,23 @@ def repo(tmp_path_factory) -> Path:
     sh(root, "dvc", "init", "-q")
     sh(root, "tunefile", "dvc")
     output = sh(root, "dvc", "repro")
-    assert sorted(ran(output)) == sorted(["resolve"] + [f"default-{s.replace('@', '-')}" for s in STAGES])
+    assert ran(output) == ["resolve"] + [f"default-{k}" for k in KINDS]
     return root
+
+
+def stage_dir(root: Path, stage: str) -> Path:
+    kind, _, param = stage.partition("@")
+    return root / "build" / "default" / kind / param if param else root / "build" / "default" / stage
 
 
 def test_outputs_are_complete(repo):
     build = repo / "build" / "default"
     for stage in STAGES:
-        manifest = json.loads((build / stage / "manifest.json").read_text())
+        manifest = json.loads((stage_dir(repo, stage) / "manifest.json").read_text())
         assert manifest["stage"] == stage and len(manifest["key"]) == 32
-    assert not list(build.glob(".*tmp*"))  # no temp folders left behind
+    assert not list(build.rglob(".*tmp*"))  # no temp folders left behind
+    metrics = json.loads((build / "eval" / "metrics.json").read_text())  # every type's, for `dvc metrics`
+    assert sorted(metrics) == ["f16", "q4_k_m", "q8_0"] and all(m["perplexity"] > 1 for m in metrics.values())
 
 
 def test_dataset_tokens_and_labels_line_up(repo):
@@ -92,8 +102,8 @@ def test_gguf_files_carry_template_lineage_and_real_quant_types(repo):
     build = repo / "build" / "default"
     chatml = (REPO / "builder" / "templates" / "chatml.jinja").read_text()
     expected = {"model-f16.gguf": "F16", "model-q8_0.gguf": "Q8_0", "model-q4_k_m.gguf": "Q4_K"}
-    for path in [build / "gguf" / "model-f16.gguf", build / "quantize@q8_0" / "model-q8_0.gguf",
-                 build / "quantize@q4_k_m" / "model-q4_k_m.gguf"]:
+    for path in [build / "gguf" / "model-f16.gguf", build / "quantize" / "q8_0" / "model-q8_0.gguf",
+                 build / "quantize" / "q4_k_m" / "model-q4_k_m.gguf"]:
         reader = GGUFReader(path)
         assert reader.fields["tokenizer.chat_template"].contents() == chatml
         assert reader.fields["tunefile.recipe"].contents() == "default"
@@ -106,7 +116,7 @@ def test_gguf_files_carry_template_lineage_and_real_quant_types(repo):
 def test_llama_cpp_loads_and_answers(repo):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(repo / "build/default/quantize@q4_k_m/model-q4_k_m.gguf"),
+    llm = llama_cpp.Llama(model_path=str(repo / "build/default/quantize/q4_k_m/model-q4_k_m.gguf"),
                           n_ctx=256, verbose=False)
     try:
         reply = llm.create_chat_completion(messages=[{"role": "user", "content": "Name a colour."}],
@@ -116,7 +126,7 @@ def test_llama_cpp_loads_and_answers(repo):
     assert reply["usage"]["completion_tokens"] > 0
     perplexity = {}
     for quant in ("f16", "q8_0", "q4_k_m"):
-        metrics = json.loads((repo / "build/default" / f"eval@{quant}" / "metrics.json").read_text())
+        metrics = json.loads((repo / "build/default/eval" / quant / "metrics.json").read_text())
         assert metrics["template_roundtrip"] == {"template_equal": True, "tokens_equal": True}
         assert all(metrics["template_checks"].values()), metrics["template_checks"]
         assert metrics["generated_tokens"] > 0 and metrics["perplexity"] > 1
@@ -129,11 +139,12 @@ def test_llama_cpp_loads_and_answers(repo):
 
 
 def test_second_repro_is_a_no_op(repo):
-    stamps = {p: p.stat().st_mtime_ns for p in (repo / "build" / "default").glob("*/manifest.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (repo / "build" / "default").rglob("manifest.json")}
+    assert len(stamps) == len(STAGES)
     output = sh(repo, "dvc", "repro")
-    assert ran(output) == ["resolve"]
+    assert ran(output) == []  # not even resolve: its deps (recipes, params.yaml, sources) are unchanged
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert "changed" not in sh(repo, "dvc", "status", "default-eval-q4_k_m")
+    assert "up to date" in sh(repo, "dvc", "status")
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +203,7 @@ def edit(path: Path, old: str, new: str) -> None:
 def test_editing_lr_does_not_rebuild_the_dataset(repo):
     edit(repo / "recipes" / "default.yaml", "lr: 2.0e-4", "lr: 1.0e-4")
     output = sh(repo, "dvc", "repro")
-    assert sorted(ran(output)) == sorted(["resolve", "default-train", "default-merge", "default-gguf", "default-eval-f16",
-                                          "default-quantize-q8_0", "default-eval-q8_0", "default-quantize-q4_k_m",
-                                          "default-eval-q4_k_m"])
+    assert ran(output) == ["resolve", "default-train", "default-merge", "default-gguf", "default-quantize", "default-eval"]
     plan = sh(repo, "tunefile", "plan", "default")
     assert all(line.endswith("up to date") for line in plan.strip().splitlines()), plan
 
@@ -209,10 +218,37 @@ def test_reverting_an_edit_restores_without_training(repo, reference):
     assert (repo / "build/default" / adapter).read_bytes() == (reference / "build/default" / adapter).read_bytes()
 
 
+def gguf_files(repo: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (repo / "build/default").rglob("*.gguf")}
+
+
 def test_adding_a_quant_type_builds_only_it(repo):
+    """No `tunefile dvc`: dvc.yaml does not change. Only q5_k_m is quantized and measured; the
+    other GGUF files are the same files (inode and mtime)."""
+    dvc_yaml = (repo / "dvc.yaml").read_text()
+    before = gguf_files(repo)
     edit(repo / "recipes" / "default.yaml", "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_m, q5_k_m]")
-    sh(repo, "tunefile", "dvc")
-    assert ran(sh(repo, "dvc", "repro")) == ["resolve", "default-quantize-q5_k_m", "default-eval-q5_k_m"]
+    output = sh(repo, "dvc", "repro")
+    assert ran(output) == ["resolve", "default-quantize", "default-eval"]
+    assert [line.split(":")[0] for line in output.splitlines() if ": built in" in line] == [
+        "default/quantize@q5_k_m", "default/eval@q5_k_m"]
+    after = gguf_files(repo)
+    assert {k: v for k, v in after.items() if k != "model-q5_k_m.gguf"} == before and "model-q5_k_m.gguf" in after
+    assert (repo / "dvc.yaml").read_text() == dvc_yaml
+    assert "q5_k_m" in json.loads((repo / "build/default/eval/metrics.json").read_text())
+
+
+def test_removing_a_quant_type_rebuilds_nothing(repo):
+    before = gguf_files(repo)
+    edit(repo / "recipes" / "default.yaml", "quantize: [q8_0, q4_k_m, q5_k_m]", "quantize: [q8_0, q4_k_m]")
+    output = sh(repo, "dvc", "repro")
+    assert ran(output) == ["resolve", "default-quantize", "default-eval"]
+    assert ": built in" not in output and "restored" not in output
+    assert "default/quantize@q5_k_m: removed" in output
+    del before["model-q5_k_m.gguf"]
+    assert gguf_files(repo) == before
+    assert sorted(json.loads((repo / "build/default/eval/metrics.json").read_text())) == ["f16", "q4_k_m", "q8_0"]
+    assert "up to date" in sh(repo, "dvc", "status")
 
 
 def test_editing_one_source_retokenizes_only_it(repo):
@@ -245,14 +281,14 @@ def test_results_travel_through_a_dvc_remote(repo, tmp_path):
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     sh(clone, "dvc", "pull")
     status = sh(clone, "dvc", "status")
-    assert status.split() == ["resolve:", "always", "changed"], status
-    assert ran(sh(clone, "dvc", "repro")) == ["resolve"]
-    for rel in ["gguf/model-f16.gguf", "quantize@q4_k_m/model-q4_k_m.gguf", "train/adapter_model.safetensors"]:
+    assert "Data and pipelines are up to date" in status, status
+    assert ran(sh(clone, "dvc", "repro")) == []
+    for rel in ["gguf/model-f16.gguf", "quantize/q4_k_m/model-q4_k_m.gguf", "train/adapter_model.safetensors"]:
         assert (clone / "build/default" / rel).read_bytes() == (repo / "build/default" / rel).read_bytes()
     lazy = tmp_path / "lazy"  # `dvc repro --pull` fetches what it would otherwise rebuild
     sh(tmp_path, "git", "clone", "-q", str(repo), str(lazy))
     output = sh(lazy, "dvc", "repro", "--pull")
-    assert "built in" not in output and (lazy / "build/default/quantize@q4_k_m/model-q4_k_m.gguf").is_file()
+    assert "built in" not in output and (lazy / "build/default/quantize/q4_k_m/model-q4_k_m.gguf").is_file()
 
 
 def kill_during(root: Path, stage: str, cmd: list[str]) -> None:
@@ -294,3 +330,46 @@ def test_dvc_experiments_set_recipe_keys(repo):
     assert "lr: 0.0005" in (repo / "recipes" / "default.yaml").read_text()
     rows = list(csv.DictReader(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv"))))
     assert {row["train.lr"] for row in rows} >= {"0.0002", "0.0005"} and all(row["eval_loss"] for row in rows)
+
+
+def test_dvc_experiments_set_a_quant_list(repo):
+    before = gguf_files(repo)
+    output = sh(repo, "dvc", "exp", "run", "-S", "recipes/default.yaml:export.gguf.quantize=[q8_0,q4_k_m,q3_k_m]")
+    assert ran(output) == ["resolve", "default-quantize", "default-eval"]
+    assert [line.split(":")[0] for line in output.splitlines() if ": built in" in line] == [
+        "default/quantize@q3_k_m", "default/eval@q3_k_m"]
+    assert {k: v for k, v in gguf_files(repo).items() if k in before} == before
+    import yaml
+
+    recipe = yaml.safe_load((repo / "recipes" / "default.yaml").read_text())
+    assert recipe["export"]["gguf"]["quantize"] == ["q8_0", "q4_k_m", "q3_k_m"]
+
+
+def test_a_recipe_added_to_params_makes_dvc_repro_say_run_tunefile_dvc(repo):
+    params = (repo / "params.yaml").read_text()
+    (repo / "recipes" / "second.yaml").write_text(
+        (repo / "recipes" / "default.yaml").read_text().replace("name: default ", "name: second "))
+    (repo / "params.yaml").write_text(params.replace("recipes: [default]", "recipes: [default, second]"))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: params.yaml builds default, second but dvc.yaml builds default; "
+                      "run `tunefile dvc` to regenerate dvc.yaml"]
+    (repo / "params.yaml").write_text(params)
+    (repo / "recipes" / "second.yaml").unlink()
+
+
+def test_launch_settings_train_under_accelerate_launch_from_dvc_repro(repo):
+    """params.yaml `launch: {num_processes: 2}`: `dvc repro` runs the train stage under accelerate
+    launch (2 CPU processes, gloo); dvc.yaml is the same file, and the manifest records 2 processes."""
+    dvc_yaml = (repo / "dvc.yaml").read_text()
+    with open(repo / "params.yaml", "a") as f:
+        f.write("launch: {num_processes: 2}\n")
+    edit(repo / "recipes" / "default.yaml", "lr: 0.0005", "lr: 0.0003")  # (set by the experiment above)
+    output = sh(repo, "dvc", "repro", "default-train")
+    assert ran(output) == ["resolve", "default-train"]
+    assert "default/train: accelerate launch --multi_gpu --num_processes 2" in output
+    summary = json.loads((repo / "build/default/train/manifest.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["steps"] > 0
+    assert (repo / "dvc.yaml").read_text() == dvc_yaml

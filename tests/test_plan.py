@@ -94,23 +94,73 @@ def test_quant_table_matches_installed_llama_cpp():
         assert getattr(llama_cpp, quant_ftype_name(quant)) == ftype, quant
 
 
+KINDS = ["base", "dataset", "train", "merge", "gguf", "quantize", "eval"]
+
+
 def test_resolve_writes_specs_only_when_keys_change(tmp_path, monkeypatch, capsys):
     from builder.cli import main
 
     root = make_project(tmp_path / "p")
     monkeypatch.chdir(root)
     assert main(["resolve"]) == 1
-    assert "dvc.yaml does not match" in capsys.readouterr().err
+    assert "run `tunefile dvc`" in capsys.readouterr().err
     assert main(["dvc"]) == 0 and main(["resolve"]) == 0
     specs = root / "build" / "default" / "specs"
-    assert sorted(p.stem for p in specs.iterdir()) == sorted(STAGES)
+    assert sorted(p.stem for p in specs.iterdir()) == sorted(KINDS)  # one per DVC stage
     stamps = {p: p.stat().st_mtime_ns for p in specs.iterdir()}
     capsys.readouterr()
     assert main(["resolve"]) == 0 and capsys.readouterr().out == ""
     assert {p: p.stat().st_mtime_ns for p in specs.iterdir()} == stamps
     edit(root, "lr: 2.0e-4", "lr: 1.0e-4")
     assert main(["resolve"]) == 0
-    assert capsys.readouterr().out.split() == [w for s in STAGES[2:] for w in (f"default/{s}:", "key", "changed")]
+    assert capsys.readouterr().out.split() == [w for k in KINDS[2:] for w in (f"default/{k}:", "key", "changed")]
+    edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_m, q5_k_m]")  # one more type: two specs
+    assert main(["resolve"]) == 0
+    assert capsys.readouterr().out.split() == ["default/quantize:", "key", "changed", "default/eval:", "key", "changed"]
+
+
+def test_dvc_yaml_does_not_depend_on_what_a_recipe_builds(tmp_path, monkeypatch):
+    """Quant types, merge on or off, more sources: the same DVC stages. Only the resolve step's
+    deps follow the files a recipe reads, and resolve keeps them current itself."""
+    import yaml
+
+    from builder.cli import main
+
+    root = make_project(tmp_path / "p")
+    monkeypatch.chdir(root)
+    assert main(["dvc"]) == 0
+    first = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert list(first["stages"]) == ["resolve"] + [f"default-{k}" for k in KINDS]
+    assert first["stages"]["resolve"]["deps"] == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "params.yaml"]
+    assert "always_changed" not in first["stages"]["resolve"]
+    assert first["stages"]["default-quantize"]["outs"] == [{"build/default/quantize": {"persist": True}}]
+    edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q2_k]")
+    assert main(["dvc", "--check"]) == 0
+    edit(root, "  merge: true\n  gguf: {dtype: f16, quantize: [q2_k]}", "  merge: false\n  gguf: null")
+    assert main(["dvc", "--check"]) == 0
+    (root / "more").mkdir()
+    (root / "more" / "x.jsonl").write_text('{"instruction": "i", "output": "o"}\n')
+    edit(root, "sources:\n", "sources:\n  - {name: more, path: more/*.jsonl, format: alpaca}\n")
+    assert main(["resolve"]) == 0  # a recipe reads a new folder: resolve watches it from now on
+    deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["resolve"]["deps"]
+    assert deps == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "more", "params.yaml"]
+    assert main(["dvc", "--check"]) == 0
+
+
+def test_a_new_recipe_in_params_needs_tunefile_dvc_and_resolve_says_so(tmp_path, monkeypatch, capsys):
+    from builder.cli import main
+
+    root = make_project(tmp_path / "p")
+    monkeypatch.chdir(root)
+    assert main(["dvc"]) == 0
+    text = (root / "recipes" / "default.yaml").read_text()
+    (root / "recipes" / "other.yaml").write_text(text.replace("name: default ", "name: other "))
+    (root / "params.yaml").write_text("recipes: [default, other]\ndevice: cpu\n")
+    capsys.readouterr()
+    assert main(["resolve"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run `tunefile dvc`" in err and "other" in err
+    assert main(["dvc"]) == 0 and main(["resolve"]) == 0
 
 
 def test_resolve_fails_fast_on_a_bad_recipe(tmp_path, monkeypatch, capsys):
@@ -164,26 +214,3 @@ def test_golden_keys(tmp_path, monkeypatch):
         "quantize@q8_0": "6266f4be29521cec8ac550b37b9225fa",
         "eval@q8_0": "0b5eb96b456fd8cd74621766537be79a",
     }
-
-
-def test_resolve_fast_path_skips_planning_until_an_input_moves(tmp_path, monkeypatch):
-    import builder.dvcgen
-    from builder.cli import main
-    from builder.resolve import resolve
-
-    root = make_project(tmp_path / "p")
-    monkeypatch.chdir(root)
-    assert main(["dvc"]) == 0
-    assert len(resolve(root)) == len(STAGES)
-    planned = []
-    real = builder.dvcgen.plan_project
-    monkeypatch.setattr(builder.dvcgen, "plan_project", lambda *a, **k: planned.append(1) or real(*a, **k))
-    assert resolve(root) == [] and planned == []  # nothing moved: no plan at all
-    (root / "data" / "extra.jsonl").write_text("")  # a new file in a folder a source glob searches
-    assert resolve(root) == [] and planned == [1]
-    with open(root / "data" / "demo_chats.json", "a") as f:
-        f.write(" ")
-    assert resolve(root) == [f"default/{s}" for s in STAGES[1:]] and planned == [1, 1]
-    copy = tmp_path / "copy"  # a fingerprint copied along with a project is not trusted there
-    shutil.copytree(root, copy)
-    assert resolve(copy) == [] and planned == [1, 1, 1]

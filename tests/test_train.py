@@ -12,7 +12,7 @@ import pytest
 
 from builder.batches import make_batches, to_tensors
 from builder.checkpoints import save_checkpoint
-from builder.cli import build_recipe
+from builder.build import build_recipe
 from builder.errors import RecipeError
 from builder.project import load_project
 
@@ -191,10 +191,11 @@ def test_qlora_on_a_machine_without_cuda_fails_validation_with_file_and_line(tmp
 
 
 def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
-    """torchrun with 2 CPU processes (gloo DDP): each trains its share of every step; rank 0 alone
-    publishes. The same adapter as one process accumulating over the same micro-batches, within
-    float tolerance: not bit for bit, since torchrun runs each process on one thread and sums
-    gradients across processes in another order, and CPU GEMM results depend on both."""
+    """params.yaml `launch: {num_processes: 2}`: `tunefile stage train` starts accelerate launch with
+    2 CPU processes (gloo DDP); each trains its share of every step; rank 0 alone publishes. The
+    same adapter as one process accumulating over the same micro-batches, within float tolerance:
+    not bit for bit, since each launched process runs on one thread and gradients are summed across
+    processes in another order, and CPU GEMM results depend on both."""
     import torch
     from safetensors.torch import load_file
 
@@ -206,11 +207,14 @@ def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
     train(one)
     two = make(tmp_path / "two", tiny_base)
     build_recipe(load_project(two), "r", "dataset")
+    with open(two / "params.yaml", "a") as f:
+        f.write("launch: {num_processes: 2}\n")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "-m", "builder", "stage", "train", "r"],
+    done = subprocess.run([str(bin_dir / "tunefile"), "stage", "train", "r"],
                           cwd=two, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "r/train: accelerate launch --multi_gpu --num_processes 2" in done.stderr
     assert done.stdout.count("r/train: built") == 1  # rank 0 reports, rank 1 does not
     summary = json.loads((two / "build/r/train/manifest.json").read_text())["summary"]
     assert (summary["processes"], summary["steps"], summary["micro_batches"]) == (2, 5, 9)
@@ -225,6 +229,19 @@ def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
     for a, b in zip(rows[0][1:], rows[1][1:]):
         assert [float(x) for x in a[2:]] == pytest.approx([float(x) for x in b[2:]], rel=1e-4, abs=1e-7)
     assert sorted(p.name for p in (two / "build/r").iterdir()) == [".lock", "base", "dataset", "train"]
+
+
+def test_a_recipe_without_export_builds_placeholders_for_the_dvc_outs(tmp_path, tiny_base):
+    """dvc.yaml has the same stages for every recipe: kinds a recipe does not build still get the
+    folder DVC expects, saying why it is empty."""
+    root = make(tmp_path / "x", tiny_base)
+    build_recipe(load_project(root), "r", None)
+    build = root / "build/r"
+    for kind in ("merge", "gguf"):
+        manifest = json.loads((build / kind / "manifest.json").read_text())
+        assert manifest["key"] is None and "builds no" in manifest["not_built"]
+    assert sorted(p.name for p in (build / "quantize").iterdir()) == []
+    assert json.loads((build / "eval" / "metrics.json").read_text()) == {}
 
 
 def test_only_the_train_stage_runs_under_a_multi_process_launch(tmp_path, tiny_base, monkeypatch):

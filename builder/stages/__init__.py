@@ -23,6 +23,8 @@ from typing import Iterator
 from builder import __version__
 from builder.cache import StageStore
 from builder.errors import StageError
+from builder.files import write_json
+from builder.launch import LAUNCHED_ENV, run_launched, wants_launch
 from builder.plan import Stage
 from builder.project import Project
 from builder.recipe import Recipe
@@ -100,6 +102,9 @@ def recipe_lock(project: Project, recipe: str) -> Iterator[None]:
     """Hold build/<recipe>/.lock; a second build of the same recipe fails at once, saying who holds it."""
     path = project.build_dir(recipe) / ".lock"
     key = str(path)
+    if os.environ.get(LAUNCHED_ENV) == key:  # a rank started by `accelerate launch`: its parent holds it
+        yield
+        return
     if key in _HELD_LOCKS:
         _HELD_LOCKS[key] += 1
         try:
@@ -130,11 +135,11 @@ def recipe_lock(project: Project, recipe: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_json(path: Path, value: dict) -> None:
-    # Write a new file and rename it over: never write through a hard link into the stage store.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _launched_manifest(project: Project, stage: Stage) -> dict:
+    manifest = read_manifest(project.stage_dir(stage.recipe, stage.name))
+    if manifest is None or manifest.get("key") != stage.key:
+        raise StageError(f"{stage.recipe}/{stage.name}: accelerate launch finished but published no result")
+    return {**manifest, "launched": True}  # its rank 0 has reported it
 
 
 def distributed_rank() -> int | None:
@@ -183,6 +188,10 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
             restored = rank is None and store.get(stage.key, tmp)
             if restored:
                 summary = (read_manifest(tmp) or {}).get("summary", {})
+            elif stage.kind == "train" and wants_launch(project):
+                shutil.rmtree(tmp)  # rank 0 of the launch writes and publishes its own
+                run_launched(project, recipe.name, str(project.build_dir(recipe.name) / ".lock"))
+                return _launched_manifest(project, stage)
             else:
                 module = importlib.import_module(f"builder.stages.{MODULES[stage.kind]}")
                 summary = module.run(StageContext(project, recipe, stage, plan, tmp))
@@ -200,7 +209,7 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
             "python": platform.python_version(),
             "seconds": round(time.time() - started, 3),
         }
-        _write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest)
         _publish(tmp, out)
         if not restored:
             store.put(stage.key, out)

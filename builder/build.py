@@ -1,0 +1,146 @@
+"""Building recipes: which stages a target needs, what is stale and why, and running the stages
+one DVC stage stands for. The command line (cli.py) only parses arguments and prints.
+
+A DVC stage is a stage kind (plan.PIPELINE). For `train` it is the train stage; for `quantize` and
+`eval` it is every type the recipe lists, each in its own folder under build/<recipe>/<kind>/: a
+type whose folder holds its current key is left untouched, the others are built (or restored
+from the stage store), and folders of types the recipe no longer lists are removed. A kind the
+recipe turns off (export.merge: false) publishes a placeholder, so DVC finds the out it expects.
+"""
+from __future__ import annotations
+
+import shutil
+from typing import Callable
+
+from builder.errors import TunefileError
+from builder.files import write_json
+from builder.plan import GROUPED, PIPELINE, Stage, explain_changes, members, plan_stages
+from builder.project import Project
+from builder.recipe import Recipe
+from builder.stages import is_built, read_manifest, recipe_lock, run_stage
+
+Say = Callable[[str], None]
+
+
+def stage_map(project: Project, recipe_name: str) -> tuple[Recipe, dict[str, Stage]]:
+    recipe = project.load_recipe(recipe_name)
+    return recipe, {s.name: s for s in plan_stages(recipe, project)}
+
+
+def needed(plan: dict[str, Stage], targets: list[str]) -> list[str]:
+    """The targets and everything upstream of them, in build order."""
+    wanted, todo = set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += plan[name].upstream
+    return [name for name in plan if name in wanted]
+
+
+def stage_status(project: Project, stage: Stage) -> str:
+    """`up to date`, `not built`, or `stale: <what changed, in words>`."""
+    manifest = read_manifest(project.stage_dir(stage.recipe, stage.name))
+    if manifest is None:
+        return "not built"
+    if manifest.get("key") == stage.key:
+        return "up to date"
+    changes = explain_changes(manifest.get("inputs", {}), stage.inputs)
+    return "stale: " + ("; ".join(changes) if changes else "key changed")
+
+
+def done_line(recipe: str, stage: str, manifest: dict) -> str | None:
+    if manifest.get("worker") or manifest.get("launched"):  # rank 0 of a multi-process train reports
+        return None
+    how = "restored from the stage store" if manifest["restored_from_store"] else "built"
+    return f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s"
+
+
+def _targets(plan: dict[str, Stage], recipe: Recipe, until: str | None) -> list[str]:
+    if until is None:
+        return list(plan)
+    if until in plan:
+        return [until]
+    if until in PIPELINE:  # a kind: every stage of it (`--until quantize` builds every type)
+        group = [name for name, stage in plan.items() if stage.kind == until]
+        if group:
+            return group
+        raise TunefileError(f"--until {until}: {recipe.name} builds no {until} stage")
+    raise TunefileError(f"--until {until}: no such stage in {recipe.name}; stages: {', '.join(plan)}")
+
+
+def build_recipe(project: Project, recipe_name: str, until: str | None, say: Say = print) -> Recipe:
+    """Build the recipe's stale stages (up to `until`: a stage or a kind) in order."""
+    recipe, plan = stage_map(project, recipe_name)
+    names = needed(plan, _targets(plan, recipe, until))
+    with recipe_lock(project, recipe.name):
+        for name in names:
+            if is_built(project, plan[name]):
+                say(f"{recipe.name}/{name}: up to date")
+                continue
+            if line := done_line(recipe.name, name, run_stage(project, recipe, plan[name], plan)):
+                say(line)
+        if until is None:
+            for kind in PIPELINE:
+                _tidy(project, recipe, kind, plan, say)
+    return recipe
+
+
+def run_dvc_stage(project: Project, recipe_name: str, name: str, say: Say = print) -> None:
+    """`tunefile stage NAME RECIPE`: one stage (`train`, `quantize@q8_0`) or a whole kind
+    (`quantize`: every type), as dvc.yaml calls it."""
+    recipe, plan = stage_map(project, recipe_name)
+    if name in plan:  # one stage (a grouped kind's name is never a stage's name)
+        if line := done_line(recipe.name, name, run_stage(project, recipe, plan[name], plan)):
+            say(line)
+        return
+    if name not in PIPELINE:
+        raise TunefileError(f"no stage '{name}' in {recipe.name}; stages: {', '.join(dict.fromkeys([*PIPELINE, *plan]))}")
+    with recipe_lock(project, recipe.name):
+        for stage in members(list(plan.values()), name):
+            if is_built(project, stage):
+                say(f"{recipe.name}/{stage.name}: up to date")
+            elif line := done_line(recipe.name, stage.name, run_stage(project, recipe, stage, plan)):
+                say(line)
+        _tidy(project, recipe, name, plan, say)
+
+
+def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], say: Say) -> None:
+    """After a kind's stages ran: drop folders of types no longer in the recipe, write the kind's
+    summary (eval/metrics.json: every type's metrics, for `dvc metrics`), or a placeholder for a
+    kind the recipe does not build."""
+    group = members(list(plan.values()), kind)
+    folder = project.stage_dir(recipe.name, kind)
+    if kind in GROUPED:
+        folder.mkdir(parents=True, exist_ok=True)
+        keep = {project.stage_dir(recipe.name, s.name).name for s in group}
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child.name not in keep:
+                shutil.rmtree(child)
+                say(f"{recipe.name}/{kind}@{child.name}: removed (no longer in the recipe)")
+        if kind == "eval":
+            metrics = {s.param: _read_metrics(project, s) for s in group}
+            write_json(folder / "metrics.json", metrics)
+    elif not group:
+        placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
+                       "not_built": f"{recipe.name} builds no {kind} stage (see its export section)"}
+        if read_manifest(folder) != placeholder:
+            shutil.rmtree(folder, ignore_errors=True)
+            write_json(folder / "manifest.json", placeholder)
+
+
+def _read_metrics(project: Project, stage: Stage) -> dict:
+    import json
+
+    path = project.stage_dir(stage.recipe, stage.name) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def quant_report(project: Project, recipe_name: str) -> tuple[dict, dict[str, dict]]:
+    """The train metrics and each eval's metrics by GGUF file name, for `tunefile report`."""
+    recipe, plan = stage_map(project, recipe_name)
+    evals = [s for s in plan.values() if s.kind == "eval"]
+    stale = [s.name for s in [plan["train"], *evals] if not is_built(project, s)]
+    if stale:
+        raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {recipe_name}`")
+    return _read_metrics(project, plan["train"]), {f"model-{s.param}.gguf": _read_metrics(project, s) for s in evals}
