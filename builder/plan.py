@@ -64,16 +64,15 @@ def _files_of(pattern: str, root: Path, stat: StatCache) -> dict[str, str]:
 
 
 def _base_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
-    model = recipe.base.model
-    if model.startswith("builtin:"):
-        spec = BUILTIN_MODELS[model.removeprefix("builtin:")]
+    ref = recipe.base.ref
+    if ref.builtin is not None:
+        spec = BUILTIN_MODELS[ref.builtin]
         return {"builtin": {"version": spec.version, "seed": spec.seed, "vocab_size": spec.vocab_size,
                             "config": spec.config, "pretrain": spec.pretrain,
                             "corpus": stat.digest(CORPUS)}}
-    if model.startswith("hf:"):
-        repo, _, revision = model[3:].partition("@")
-        return {"hub": {"repo": repo, "revision": revision}}
-    return {"files": {p.name: stat.digest(p) for p in model_files(root / model)}}
+    if ref.hub is not None:
+        return {"hub": {"repo": ref.hub.repo, "revision": ref.hub.revision}}
+    return {"files": {p.name: stat.digest(p) for p in model_files(root / ref.folder)}}
 
 
 def _template_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:

@@ -65,15 +65,15 @@ def load_tokenizer(project: Project, recipe: Recipe):  # noqa: ANN201
         return load_built(base_dir, project.cache_dir)
     from transformers import AutoTokenizer
 
-    model = recipe.base.model
-    if model.startswith("builtin:"):
+    ref = recipe.base.ref
+    if ref.builtin is not None:
         from builder.models import BUILTIN_MODELS
         from builder.models.tiny_llama import train_tokenizer
 
-        return train_tokenizer(BUILTIN_MODELS[model.split(":", 1)[1]])
-    if not model.startswith("hf:"):
-        return AutoTokenizer.from_pretrained(project.root / model)
-    raise TunefileError(f"preview needs the tokenizer of {model}; build the base stage first: "
+        return train_tokenizer(BUILTIN_MODELS[ref.builtin])
+    if ref.folder is not None:
+        return AutoTokenizer.from_pretrained(project.root / ref.folder)
+    raise TunefileError(f"preview needs the tokenizer of {recipe.base.model}; build the base stage first: "
                         f"tunefile build {recipe.name} --until base")
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from builder.errors import RecipeError
 from builder.recipe import NAME_PATTERN, Recipe, format_errors, load_recipe
-from builder.yamlfile import load_yaml
+from builder.yamlfile import YamlDoc, load_yaml
 
 PARAMS_FILE = "params.yaml"
 RECIPES_DIR = "recipes"
@@ -66,14 +66,14 @@ class Project:
         return recipe_file(name_or_path, self.root)
 
     def load_recipe(self, name_or_path: str) -> Recipe:
-        path = self.recipe_path(name_or_path)
-        recipe = load_recipe(path, root=self.root)
+        return load_recipe(self.recipe_path(name_or_path), root=self.root, checks=(self._trainable_here,))
+
+    def _trainable_here(self, doc: YamlDoc, recipe: Recipe) -> list[str]:
         if recipe.train.method == "qlora" and not has_cuda(self.params.device):
-            line = load_yaml(path).where(("train", "method"))
-            raise RecipeError([f"{line}: train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit), and "
-                               f"params.yaml device is {self.params.device} with no NVIDIA driver here; "
-                               "use lora or full on this machine"])
-        return recipe
+            return [f"{doc.where(('train', 'method'))}: train.method: qlora needs a CUDA GPU (bitsandbytes "
+                    f"4-bit), and params.yaml device is {self.params.device} with no NVIDIA driver here; "
+                    "use lora or full on this machine"]
+        return []
 
     def build_dir(self, recipe: str) -> Path:
         return self.root / BUILD_DIR / recipe

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import glob
 import re
+from functools import cached_property
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builder.errors import RecipeError
 from builder.quant import GGUF_DTYPES, QUANT_TYPES
+from builder.refs import HubRef, ModelRef, is_hub, parse_hub
 from builder.templates import BUILTIN_TEMPLATES
 from builder.yamlfile import YamlDoc, load_yaml
 
@@ -34,16 +36,16 @@ class BaseSpec(Strict):
     def _check_model(cls, value: str) -> str:
         from builder.models import BUILTIN_MODELS  # noqa: PLC0415 (keeps the registry lazy)
 
-        if value.startswith("builtin:"):
-            if value[len("builtin:"):] not in BUILTIN_MODELS:
-                allowed = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
-                raise ValueError(f"unknown builtin model '{value}'; allowed: {allowed}")
-        elif value.startswith("hf:"):
-            repo, _, revision = value[3:].partition("@")
-            if not repo or "/" not in repo or not revision:
-                raise ValueError(f"'{value}' must be hf:org/name@revision (the revision pins the "
-                                 "exact files, e.g. a commit hash)")
+        ref = ModelRef.parse(value)
+        if ref.builtin is not None and ref.builtin not in BUILTIN_MODELS:
+            allowed = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
+            raise ValueError(f"unknown builtin model '{value}'; allowed: {allowed}")
         return value
+
+    @cached_property
+    def ref(self) -> ModelRef:
+        """base.model, parsed (the string stays what keys and lineage record)."""
+        return ModelRef.parse(self.model)
 
 
 FORMAT_NAMES = ("alpaca", "sharegpt", "messages", "prompt_completion", "self_instruct", "preference")
@@ -76,11 +78,8 @@ class SourceSpec(Strict):
     def _check_path(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
             return value
-        if value.startswith("hf:"):
-            repo, _, revision = value[3:].partition("@")
-            if not repo or "/" not in repo or not revision:
-                raise ValueError(f"'{value}' must be hf:org/name@revision (the revision pins the exact "
-                                 "data, e.g. a commit hash)")
+        if is_hub(value):
+            parse_hub(value, pinned="data")
             return value
         if not glob.has_magic(value) and not value.endswith(SOURCE_SUFFIXES):
             raise ValueError(f"'{value}' has an unknown suffix; allowed: {', '.join(SOURCE_SUFFIXES)}")
@@ -99,9 +98,14 @@ class SourceSpec(Strict):
                              f"allowed: {', '.join(FORMAT_FIELDS[self.format])}")
         return self
 
+    @cached_property
+    def hub(self) -> HubRef | None:
+        """The hub dataset a `path: hf:org/name@revision` names, parsed; None for files and inline rows."""
+        return parse_hub(self.path) if self.path is not None and is_hub(self.path) else None
+
     @property
     def is_hub(self) -> bool:
-        return self.path is not None and self.path.startswith("hf:")
+        return self.hub is not None
 
 
 class FiltersSpec(Strict):
@@ -285,8 +289,8 @@ def _check_files(doc: YamlDoc, recipe: Recipe, root: Path) -> list[str]:
         if source.path is not None and not source.is_hub and not glob.glob(str(root / source.path)):
             problems.append(f"{doc.where(('sources', i, 'path'))}: source '{source.name}': "
                             f"no file matches '{source.path}' (relative to {root})")
-    model = recipe.base.model
-    if not model.startswith(("builtin:", "hf:")) and not (root / model / "config.json").is_file():
+    model, folder = recipe.base.model, recipe.base.ref.folder
+    if folder is not None and not (root / folder / "config.json").is_file():
         problems.append(f"{doc.where(('base', 'model'))}: base.model '{model}' is not an HF model "
                         "folder (no config.json); use builtin:NAME, a folder, or hf:org/name@revision")
     for i, path in enumerate(recipe.decontaminate.files if recipe.decontaminate else ()):
@@ -297,8 +301,12 @@ def _check_files(doc: YamlDoc, recipe: Recipe, root: Path) -> list[str]:
     return problems
 
 
-def load_recipe(path: Path, root: Path | None = None) -> Recipe:
-    """Load and validate a recipe; raise RecipeError listing every problem with file:line."""
+Check = Callable[[YamlDoc, Recipe], list[str]]  # more problems (file:line messages) of a valid recipe
+
+
+def load_recipe(path: Path, root: Path | None = None, checks: tuple[Check, ...] = ()) -> Recipe:
+    """Load and validate a recipe, parsing its YAML once; raise RecipeError listing every problem
+    with file:line (`checks` add the caller's, e.g. what this machine cannot train)."""
     path = Path(path)
     root = Path(root) if root is not None else Path.cwd()
     doc = load_yaml(path)
@@ -308,7 +316,7 @@ def load_recipe(path: Path, root: Path | None = None) -> Recipe:
         recipe = Recipe.model_validate(doc.data)
     except ValidationError as exc:
         raise RecipeError(format_errors(doc, exc, Recipe)) from None
-    problems = _check_files(doc, recipe, root)
+    problems = _check_files(doc, recipe, root) + [p for check in checks for p in check(doc, recipe)]
     if recipe.name != path.stem:
         problems.append(f"{doc.where(('name',))}: name '{recipe.name}' must match the file name "
                         f"'{path.stem}' (it names the build folder and DVC stages)")

@@ -155,7 +155,7 @@ def _hub_rows(spec: SourceSpec) -> Iterator[tuple[int, object]]:
     there, else downloaded (a clear error, within seconds, when the hub cannot be reached)."""
     from huggingface_hub import snapshot_download
 
-    repo, _, revision = spec.path[3:].partition("@")
+    repo, revision = spec.hub.repo, spec.hub.revision
     try:
         folder = snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 (not cached: any failure means "download it")

@@ -214,3 +214,23 @@ def test_golden_keys(tmp_path, monkeypatch):
         "quantize@q8_0": "6266f4be29521cec8ac550b37b9225fa",
         "eval@q8_0": "0b5eb96b456fd8cd74621766537be79a",
     }
+
+
+def test_golden_shard_and_builtin_base_keys(tmp_path):
+    """Pinned like the stage keys: the per-chunk shard key (what the chunk store reuses) and the
+    builtin base's identity (what every recipe on builtin:tiny-llama shares). If one moves, a key
+    input changed: bump SHARD_VERSION or the builtin's version on purpose, then update these."""
+    from builder.hashing import StatCache, hash_value
+    from builder.plan import _base_identity
+    from builder.recipe import Recipe
+    from builder.shards import chunk_key, shard_settings
+    from builder.sources import RawChunk
+
+    recipe = Recipe.model_validate({"name": "g", "base": {"model": "builtin:tiny-llama"},
+                                    "sources": [{"name": "a", "path": "data/a.jsonl", "format": "alpaca"}]})
+    settings = shard_settings(recipe, recipe.sources[0], "{{ messages }}", tmp_path, tmp_path, "base-key",
+                              {"tokenizers": "pinned"})
+    chunk = RawChunk(file="data/a.jsonl", first=1, lines=b"{}\n", rows=None, digest="d" * 32)
+    assert settings.key == "894c2f60c2ce47601393678f243f1578"  # paths (base_dir, cache_dir) are not in it
+    assert chunk_key(settings, chunk) == "065d8666a032d50ab55d70d3f403f055"
+    assert hash_value(_base_identity(recipe, tmp_path, StatCache(None))) == "cd26a774825edce65576b40392eb6eb6"

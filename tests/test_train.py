@@ -256,3 +256,31 @@ def test_only_the_train_stage_runs_under_a_multi_process_launch(tmp_path, tiny_b
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(StageError, match="only the train stage runs under a multi-process launch"):
         run_stage(project, recipe, plan["dataset"], plan)
+
+
+def test_launch_commands_from_params_and_the_shipped_accelerate_configs(tmp_path):
+    """What `tunefile stage train` runs under params.yaml's `launch`, and the FSDP/DeepSpeed configs
+    the README points to load in accelerate's own config parser."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from builder.errors import StageError
+    from builder.launch import launch_command, wants_launch
+    from conftest import REPO
+
+    root = tmp_path / "l"
+    root.mkdir()
+    (root / "params.yaml").write_text("recipes: [r]\n")
+    assert not wants_launch(load_project(root))
+    (root / "params.yaml").write_text("recipes: [r]\nlaunch: {num_processes: 4}\n")
+    cmd = launch_command(load_project(root), "r")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-5:] == ["-m", "builder", "stage", "train", "r"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
+    (root / "params.yaml").write_text("recipes: [r]\nlaunch: {config_file: fsdp.yaml}\n")
+    with pytest.raises(StageError, match="launch.config_file: .*fsdp.yaml does not exist"):
+        launch_command(load_project(root), "r")
+    shutil.copy(REPO / "configs" / "accelerate" / "fsdp.yaml", root / "fsdp.yaml")
+    cmd = launch_command(load_project(root), "r")
+    assert cmd[3:5] == ["--config_file", str(root / "fsdp.yaml")] and "--num_processes" not in cmd
+    kinds = {name: load_config_from_file(str(REPO / "configs" / "accelerate" / name)).distributed_type
+             for name in ("fsdp.yaml", "deepspeed-zero2.yaml")}
+    assert {k: v.value for k, v in kinds.items()} == {"fsdp.yaml": "FSDP", "deepspeed-zero2.yaml": "DEEPSPEED"}

@@ -31,17 +31,16 @@ def download_model(repo: str, revision: str, dst: Path) -> None:
 
 
 def run(ctx: StageContext) -> dict:
-    model = ctx.recipe.base.model
+    model, ref = ctx.recipe.base.model, ctx.recipe.base.ref
     summary: dict = {}
-    if model.startswith("builtin:"):
+    if ref.builtin is not None:
         from builder.models.tiny_llama import build_tiny_llama
 
-        summary = build_tiny_llama(BUILTIN_MODELS[model.removeprefix("builtin:")], ctx.out_dir)
-    elif model.startswith("hf:"):
-        repo, _, revision = model[3:].partition("@")
-        download_model(repo, revision, ctx.out_dir)
+        summary = build_tiny_llama(BUILTIN_MODELS[ref.builtin], ctx.out_dir)
+    elif ref.hub is not None:
+        download_model(ref.hub.repo, ref.hub.revision, ctx.out_dir)
     else:
-        copy_model_files(ctx.project.root / model, ctx.out_dir)
+        copy_model_files(ctx.project.root / ref.folder, ctx.out_dir)
     if not (ctx.out_dir / "config.json").is_file():
         raise StageError(f"base model {model} has no config.json")
     from builder.tokenizer import verify_fast_load

@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> dict:
     dtype = ctx.recipe.export.gguf.dtype
     out = ctx.out_dir / gguf_name(dtype)
     lineage = {"metadata": lineage_metadata(ctx),
-               "pre_tokenizer": BUILTIN_PRE_TOKENIZER if ctx.recipe.base.model.startswith("builtin:") else None}
+               "pre_tokenizer": BUILTIN_PRE_TOKENIZER if ctx.recipe.base.ref.builtin is not None else None}
     lineage_file = ctx.out_dir / "lineage.json"  # read by the converter, removed before publishing
     lineage_file.write_text(json.dumps(lineage, sort_keys=True))
     cmd = [sys.executable, "-m", "builder.export.convert", str(converter), str(lineage_file), "--",
