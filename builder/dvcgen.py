@@ -60,7 +60,8 @@ def watched_paths(project: Project, plans: dict[str, list[Stage]], digested: set
 
 
 def render_dvc_yaml(project: Project, recipes: list[str], watched: list[str]) -> str:
-    specs = [_rel(project, project.spec_path(recipe, kind)) for recipe in recipes for kind in PIPELINE]
+    # One out per recipe, its specs folder: a shorter dvc.yaml and dvc.lock for DVC to parse on every run.
+    specs = [_rel(project, project.spec_path(recipe, "base").parent) for recipe in recipes]
     dvc_stages: dict[str, dict] = {
         "resolve": {"cmd": "tunefile resolve", "deps": watched,
                     # The recipes as DVC params files: `dvc exp run -S recipes/R.yaml:train.lr=...`,
