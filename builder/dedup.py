@@ -264,20 +264,21 @@ class Deduplicator:
     Memory: a digest per example (~100 bytes a row in Python: ~100 MB per million rows), and for
     `near` the LSH bands and shingle sets of the examples kept (~1 KB a row: ~1 GB per million)."""
 
-    def __init__(self, mode: str, threshold: float, seed: int):
-        self.mode, self.seen, self.near = mode, {}, None
+    def __init__(self, mode: str, threshold: float, seed: int, describe=str):  # noqa: ANN001
+        # describe(where) names an example in a duplicate's detail, called only for duplicates:
+        # `where` can be a cheap tuple, so a million rows cost no strings.
+        self.mode, self.seen, self.near, self.describe = mode, {}, None, describe
         if mode == "near":
             self.near = NearDuplicateIndex(threshold=threshold, seed=seed)
         self.count = 0
 
     def check(self, digest: str, messages: list[dict] | None, where) -> tuple[str, str] | None:  # noqa: ANN001
-        """None to keep the example, else (reason, detail). `where` is a function naming the example,
-        called only for the detail of a duplicate, so a million rows cost no strings."""
+        """None to keep the example, else (reason, detail); `where` identifies the example."""
         if self.mode == "none":
             return None
-        if digest in self.seen:
-            return "duplicate", f"same as {self.seen[digest]()}"
-        self.seen[digest] = where
+        first = self.seen.setdefault(digest, where)
+        if first is not where:
+            return "duplicate", f"same as {self.describe(first)}"
         if self.near is not None:
             self.count += 1
             twin = self.near.add(self.count, conversation_text(messages))

@@ -245,9 +245,9 @@ class SourceRows:
     def file_row(self, i: int) -> tuple[str, int]:
         return self.chunks_files[self.chunk_of[i]], int(self._rows[i])
 
-    def namer(self, i: int):  # noqa: ANN201
-        """A function naming row i (`source file row N`), for details formatted only when needed."""
-        return lambda: f"{self.name} {self.chunks_files[self.chunk_of[i]]} row {self._rows[i]}"
+    def describe(self, i: int) -> str:
+        """Row i in words: `source file row N`."""
+        return f"{self.name} {self.chunks_files[self.chunk_of[i]]} row {self._rows[i]}"
 
     def messages(self):  # noqa: ANN201
         """Every row's messages, in order, read chunk by chunk."""

@@ -70,13 +70,14 @@ def load_sources(ctx: StageContext, template: str) -> dict[str, SourceRows]:
 def deduplicate(recipe: Recipe, sources: dict[str, SourceRows]) -> tuple[dict[str, list[int]], dict[str, list[Reject]]]:
     """Usable rows per source after dedup across sources in recipe order, and every source's rejects."""
     mixture = recipe.mixture
-    dedup = Deduplicator(mixture.dedup, mixture.near_threshold, mixture.seed)
+    dedup = Deduplicator(mixture.dedup, mixture.near_threshold, mixture.seed,
+                         describe=lambda where: sources[where[0]].describe(where[1]))
     kept, rejects = {}, {}
     for name, rows in sources.items():
         messages = rows.messages() if mixture.dedup == "near" else None
         rejects[name], kept[name] = list(rows.rejects), []
         for i, digest in enumerate(rows.digests):
-            drop = dedup.check(digest, next(messages) if messages else None, rows.namer(i))
+            drop = dedup.check(digest, next(messages) if messages else None, (name, i))
             if drop is None:
                 kept[name].append(i)
             else:
