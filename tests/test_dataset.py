@@ -119,6 +119,7 @@ mixture: {eval_fraction: 0.0, dedup: %s}
     write_recipe(project, recipe % "exact")
     stats = build(project)
     assert stats["sources"]["b"]["rejected"] == {"duplicate": 1} and stats["sources"]["b"]["usable"] == 2
+    assert [r["detail"] for r in rejects(project)] == ["same as a data/a.jsonl row 2"]  # the first one kept
     write_recipe(project, recipe % "near")
     stats = build(project)
     assert stats["sources"]["b"]["rejected"] == {"duplicate": 1, "near_duplicate": 1}
