@@ -100,3 +100,31 @@ def test_validate_command_exit_codes(tmp_path, monkeypatch, capsys):
     assert "train.lr: Input should be a valid number" in capsys.readouterr().err
     path.write_text(default_text())
     assert main(["validate"]) == 0
+
+
+def _schema_keys(model, prefix: str = "") -> list[str]:
+    """Every leaf key of a pydantic schema as the docs write it: `train.lora.r`, `sources[].name`."""
+    from builder.recipe import _submodel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = _submodel(field.annotation)
+        path = f"{prefix}{name}"
+        if sub is None:
+            keys.append(path)
+        else:
+            listed = "tuple" in str(field.annotation) or "list" in str(field.annotation)
+            keys += _schema_keys(sub, f"{path}[]." if listed else f"{path}.")
+    return keys
+
+
+def test_every_recipe_and_params_key_is_documented():
+    """docs/recipes.md has a row naming every key of the recipe schema and of params.yaml."""
+    from builder.project import Params
+    from builder.recipe import Recipe
+
+    text = (REPO / "docs" / "recipes.md").read_text()
+    keys = _schema_keys(Recipe) + _schema_keys(Params)
+    assert "train.lora.r" in keys and "sources[].name" in keys and "launch.num_processes" in keys
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing, f"undocumented keys in docs/recipes.md: {missing}"
