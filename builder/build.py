@@ -119,14 +119,27 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
                 shutil.rmtree(child)
                 say(f"{recipe.name}/{kind}@{child.name}: removed (no longer in the recipe)")
         if kind == "eval":
-            metrics = {s.param: _read_metrics(project, s) for s in group}
-            write_json(folder / "metrics.json", metrics)
+            write_json(folder / "metrics.json", with_base_deltas({s.param: _read_metrics(project, s) for s in group}))
     elif not group:
         placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
                        "not_built": f"{recipe.name} builds no {kind} stage (see its export section)"}
         if read_manifest(folder) != placeholder:
             shutil.rmtree(folder, ignore_errors=True)
             write_json(folder / "manifest.json", placeholder)
+
+
+def with_base_deltas(metrics: dict[str, dict]) -> dict[str, dict]:
+    """Each tuned file's metrics with `vs_base`: its perplexity against the base model's, measured
+    on the same tokens by the same code (ratio < 1 and delta < 0: tuning helped)."""
+    base = (metrics.get("base") or {}).get("perplexity")
+    out = {}
+    for name, m in metrics.items():
+        ppl = m.get("perplexity")
+        if name != "base" and base and ppl:
+            m = {**m, "vs_base": {"perplexity_base": base, "perplexity_delta": round(ppl - base, 4),
+                                  "perplexity_ratio": round(ppl / base, 4)}}
+        out[name] = m
+    return out
 
 
 def _read_metrics(project: Project, stage: Stage) -> dict:
@@ -143,4 +156,5 @@ def quant_report(project: Project, recipe_name: str) -> tuple[dict, dict[str, di
     stale = [s.name for s in [plan["train"], *evals] if not is_built(project, s)]
     if stale:
         raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {recipe_name}`")
-    return _read_metrics(project, plan["train"]), {f"model-{s.param}.gguf": _read_metrics(project, s) for s in evals}
+    metrics = with_base_deltas({s.param: _read_metrics(project, s) for s in evals})
+    return _read_metrics(project, plan["train"]), {"base" if t == "base" else f"model-{t}.gguf": m for t, m in metrics.items()}

@@ -123,7 +123,11 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
         if recipe.export.gguf is not None:
             # The recipe's name is written into the GGUF (general.name, lineage), so it is an input.
             gguf = _stage(recipe, "gguf", [merge], {"name": recipe.name, "dtype": recipe.export.gguf.dtype}, {})
-            stages.append(gguf)
+            # The base model through the same converter and eval code, prompted with the recipe's
+            # template: what every tuned file is compared with (did tuning help?).
+            stages += [gguf, _stage(recipe, "eval@base", [base, dataset],
+                                    {"type": "base", "dtype": recipe.export.gguf.dtype},
+                                    {"template": _template_identity(recipe, root, stat)})]
             if recipe.export.gguf.dtype not in recipe.export.gguf.quantize:
                 # The unquantized GGUF is measured too: the baseline of the quantization matrix.
                 stages.append(_stage(recipe, f"eval@{recipe.export.gguf.dtype}", [gguf, dataset],

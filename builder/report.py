@@ -266,27 +266,30 @@ def _draw_positions(draw, font, box, names, sources, colors, stats) -> None:  # 
 
 def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
     """`tunefile report`: the training summary and one row per GGUF file measured by an eval stage
-    (size, perplexity on assistant tokens and its ratio to the first row, generation speed, and
-    whether the template survived the round trip), in the order given (unquantized first)."""
+    (size, perplexity on assistant tokens, its ratio to the base model's and to the first tuned
+    row, generation speed, and whether the template survived the round trip), in the order given
+    (the base model first, then the unquantized file)."""
     lines = []
     if train:
         lines.append(f"train: {train.get('steps')} steps, train loss {train.get('train_loss')}, eval loss "
                      f"{train.get('eval_loss')}, {train.get('tokens_per_second')} tokens/s on {train.get('device')} "
                      f"({train.get('precision', '-')}), padding {_percent(train.get('padding_fraction'))}")
-    header = ("gguf", "MiB", "perplexity", "vs first", "gen tok/s", "template")
+    header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "gen tok/s", "template")
     rows = []
-    first = next((m.get("perplexity") for m in evals.values() if m.get("perplexity")), None)
+    first = next((m.get("perplexity") for n, m in evals.items() if n != "base" and m.get("perplexity")), None)
     for name, metrics in evals.items():
         ppl = metrics.get("perplexity")
-        checks = {**metrics.get("template_roundtrip", {}), **metrics.get("template_checks", {})}
+        checks = {**(metrics.get("template_roundtrip") or {}), **(metrics.get("template_checks") or {})}
+        vs_base = (metrics.get("vs_base") or {}).get("perplexity_ratio")
         rows.append((name, f"{metrics.get('file_bytes', 0) / 2**20:.2f}", MISSING if ppl is None else f"{ppl:.4f}",
-                     MISSING if not (ppl and first) else f"{ppl / first:.4f}x",
+                     MISSING if vs_base is None else f"{vs_base:.4f}x",
+                     MISSING if not (ppl and first) or name == "base" else f"{ppl / first:.4f}x",
                      str(metrics.get("generation_tokens_per_second", MISSING)),
                      "ok" if checks and all(checks.values()) else
                      "FAILED: " + ", ".join(k for k, v in sorted(checks.items()) if not v) if checks else MISSING))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
-        lines.append("  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        lines.append("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     return "\n".join(lines) + "\n"
 
 

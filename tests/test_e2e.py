@@ -29,7 +29,7 @@ from conftest import REPO, make_project, small_recipe
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@f16", "quantize@q8_0", "eval@q8_0", "quantize@q4_k_m",
+STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@base", "eval@f16", "quantize@q8_0", "eval@q8_0", "quantize@q4_k_m",
           "eval@q4_k_m"]
 KINDS = ["base", "dataset", "train", "merge", "gguf", "quantize", "eval"]  # the DVC stages of a recipe
 DETERMINISTIC_FILES = ["dataset/train.parquet", "dataset/eval.parquet", "dataset/rejects.jsonl",
@@ -72,7 +72,9 @@ def test_outputs_are_complete(repo):
         assert manifest["stage"] == stage and len(manifest["key"]) == 32
     assert not list(build.rglob(".*tmp*"))  # no temp folders left behind
     metrics = json.loads((build / "eval" / "metrics.json").read_text())  # every type's, for `dvc metrics`
-    assert sorted(metrics) == ["f16", "q4_k_m", "q8_0"] and all(m["perplexity"] > 1 for m in metrics.values())
+    assert sorted(metrics) == ["base", "f16", "q4_k_m", "q8_0"] and all(m["perplexity"] > 1 for m in metrics.values())
+    # Did tuning help? The base model, converted and measured the same way, on the same tokens.
+    assert all(metrics[t]["vs_base"]["perplexity_ratio"] < 1 for t in ("f16", "q8_0", "q4_k_m")), metrics
 
 
 def test_dataset_tokens_and_labels_line_up(repo):
@@ -134,8 +136,9 @@ def test_llama_cpp_loads_and_answers(repo):
     # The quantization matrix: fewer bits never help beyond noise (0.5% for q8_0, 3% for q4_k_m).
     assert perplexity["q8_0"] >= perplexity["f16"] * 0.995 and perplexity["q4_k_m"] >= perplexity["f16"] * 0.97
     report = sh(repo, "tunefile", "report", "default").splitlines()
-    assert [line.split()[0] for line in report[3:]] == ["model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"]
-    assert all(line.endswith("ok") for line in report[3:])
+    assert [line.split()[0] for line in report[3:]] == ["base", "model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"]
+    assert all(line.endswith("ok") for line in report[4:])  # the base GGUF carries no training template
+    assert all(float(line.split()[3].rstrip("x")) < 1 for line in report[4:])  # perplexity vs base
 
 
 def test_second_repro_is_a_no_op(repo):

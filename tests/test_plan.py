@@ -8,8 +8,9 @@ from builder.plan import explain_changes, plan_stages
 from builder.project import load_project
 from conftest import REPO, make_project
 
-STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@f16", "quantize@q8_0", "eval@q8_0",
+STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@base", "eval@f16", "quantize@q8_0", "eval@q8_0",
           "quantize@q4_k_m", "eval@q4_k_m"]
+AFTER_TRAIN = [s for s in STAGES[2:] if s != "eval@base"]  # the base model's eval reads base and dataset only
 
 
 def keys(root) -> dict[str, str]:
@@ -40,7 +41,7 @@ def test_each_edit_changes_exactly_the_stages_downstream(tmp_path):
     root = make_project(tmp_path / "p")
     before = keys(root)
     edit(root, "lr: 2.0e-4", "lr: 1.0e-4")
-    assert changed(before, keys(root)) == STAGES[2:]
+    assert changed(before, keys(root)) == AFTER_TRAIN
     edit(root, "lr: 1.0e-4", "lr: 2.0e-4")
     assert keys(root) == before  # reverting restores every key
     edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_m, q5_k_m]")
@@ -210,6 +211,7 @@ def test_golden_keys(tmp_path, monkeypatch):
         "train": "ea6e8a7f2445a0e07312f0323dc50237",
         "merge": "b1c2441363e8c262263569f89ce5b656",
         "gguf": "cf019c14f6c0e33161fc190cdd51a6eb",
+        "eval@base": "cfa4c1798c6e4a87a81a1bd37a240295",
         "eval@f16": "164143540fc71affc32c9189d14163e8",
         "quantize@q8_0": "6266f4be29521cec8ac550b37b9225fa",
         "eval@q8_0": "0b5eb96b456fd8cd74621766537be79a",

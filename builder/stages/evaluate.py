@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from pathlib import Path
+
+from builder import __version__
 
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
@@ -108,13 +112,52 @@ def template_checks(llm, template: str, row: dict, merged_template: str | None) 
     }
 
 
+BASE_GGUF_VERSION = 1  # bump when the base GGUF's bytes change on purpose
+
+
+def base_gguf(ctx: StageContext, dtype: str) -> Path:
+    """The base model as a GGUF file, converted by the same converter as the tuned model and kept
+    in the store under the base key: every recipe on that base shares one file."""
+    from builder.cache import StageStore
+    from builder.hashing import hash_value
+    from builder.stages.gguf import convert_model
+    from builder.versions import library_version
+
+    key = hash_value({"base": ctx.plan["base"].key, "dtype": dtype, "version": BASE_GGUF_VERSION,
+                      "llama_cpp_python": library_version("llama_cpp_python")})
+    store = StageStore(ctx.project.cache_dir, "base-gguf")
+    entry = store.verified(key)
+    if entry is None:
+        scratch = ctx.out_dir / ".base-gguf"
+        scratch.mkdir()
+        metadata = {"tunefile.version": __version__, "tunefile.base_model": ctx.recipe.base.model,
+                    "tunefile.base_key": ctx.plan["base"].key}
+        convert_model(ctx.recipe, ctx.input_dir("base"), scratch / gguf_name(dtype), dtype, "base", metadata)
+        store.put(key, scratch)
+        shutil.rmtree(scratch)
+        entry = store.verified(key)
+    return entry / gguf_name(dtype)
+
+
+def base_generation(llm, template: str, messages: list[dict]) -> dict:  # noqa: ANN001
+    """The base model prompted exactly as the tuned ones are (the recipe's template, rendered by
+    llama-cpp-python's Jinja formatter), greedy, stopping at the template's end-of-turn text."""
+    _, prompt = _format_chat(llm, template, messages, add_generation_prompt=True)
+    bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
+    return llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0,
+                                 stop=stop_texts(template, "append_eos", bos_token=bos, eos_token=eos) or None)
+
+
 def run(ctx: StageContext) -> dict:
     import llama_cpp
     import pyarrow.parquet as pq
 
     quant = ctx.stage.param
-    producer = f"quantize@{quant}" if f"quantize@{quant}" in ctx.stage.upstream else "gguf"
-    path = ctx.input_dir(producer) / gguf_name(quant)
+    if quant == "base":
+        path = base_gguf(ctx, ctx.stage.inputs["recipe"]["dtype"])
+    else:
+        producer = f"quantize@{quant}" if f"quantize@{quant}" in ctx.stage.upstream else "gguf"
+        path = ctx.input_dir(producer) / gguf_name(quant)
     rows = pq.read_table(ctx.input_dir("dataset") / "eval.parquet").to_pylist()[:EVAL_EXAMPLES]
     if not rows:  # a recipe with eval_fraction 0: measure on training examples instead
         rows = pq.read_table(ctx.input_dir("dataset") / "train.parquet").to_pylist()[:EVAL_EXAMPLES]
@@ -126,10 +169,16 @@ def run(ctx: StageContext) -> dict:
         prompt = rows[0]["messages"][:-1]  # up to the last user turn
         llm.reset()
         started = time.time()
-        reply = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0)
+        if quant == "base":  # its GGUF holds the base tokenizer's template (or none): prompt it as the tuned files
+            completion = base_generation(llm, template, prompt)
+            reply = {"usage": completion["usage"], "choices": [{"message": {"content": completion["choices"][0]["text"]}}]}
+            round_trip = checks = None
+        else:
+            reply = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0)
         seconds = time.time() - started
-        round_trip = template_round_trip(llm, template, rows[0])
-        checks = template_checks(llm, template, rows[0], saved_chat_template(ctx.input_dir("merge")))
+        if quant != "base":
+            round_trip = template_round_trip(llm, template, rows[0])
+            checks = template_checks(llm, template, rows[0], saved_chat_template(ctx.input_dir("merge")))
     finally:
         llm.close()
     generated = reply["usage"]["completion_tokens"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from builder import __version__
 from builder.errors import StageError
@@ -37,23 +38,28 @@ def gguf_name(dtype: str) -> str:
     return f"model-{dtype}.gguf"
 
 
-def run(ctx: StageContext) -> dict:
+def convert_model(recipe, model_dir: Path, out: Path, dtype: str, name: str, metadata: dict) -> None:  # noqa: ANN001
+    """llama.cpp's converter on an HF folder, with tunefile's lineage keys (and the builtin
+    tokenizers' pre-tokenizer) added; `out` is written or StageError says why not."""
     converter = ensure_converter()
-    dtype = ctx.recipe.export.gguf.dtype
-    out = ctx.out_dir / gguf_name(dtype)
-    lineage = {"metadata": lineage_metadata(ctx),
-               "pre_tokenizer": BUILTIN_PRE_TOKENIZER if ctx.recipe.base.ref.builtin is not None else None}
-    lineage_file = ctx.out_dir / "lineage.json"  # read by the converter, removed before publishing
+    lineage = {"metadata": metadata,
+               "pre_tokenizer": BUILTIN_PRE_TOKENIZER if recipe.base.ref.builtin is not None else None}
+    lineage_file = out.with_name(f".{out.name}.lineage.json")  # read by the converter, removed after
     lineage_file.write_text(json.dumps(lineage, sort_keys=True))
     cmd = [sys.executable, "-m", "builder.export.convert", str(converter), str(lineage_file), "--",
-           str(ctx.input_dir("merge")), "--outfile", str(out), "--outtype", dtype,
-           "--model-name", ctx.recipe.name]
+           str(model_dir), "--outfile", str(out), "--outtype", dtype, "--model-name", name]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
     finally:
         lineage_file.unlink(missing_ok=True)
     if done.returncode != 0 or not out.is_file():
-        raise StageError(f"llama.cpp's converter failed on {ctx.input_dir('merge')}:\n{done.stderr[-3000:]}")
+        raise StageError(f"llama.cpp's converter failed on {model_dir}:\n{done.stderr[-3000:]}")
+
+
+def run(ctx: StageContext) -> dict:
+    dtype = ctx.recipe.export.gguf.dtype
+    out = ctx.out_dir / gguf_name(dtype)
+    convert_model(ctx.recipe, ctx.input_dir("merge"), out, dtype, ctx.recipe.name, lineage_metadata(ctx))
     card = render_model_card(ctx.recipe, ctx.plan, ctx.input_dir, out.name)
     (ctx.out_dir / "README.md").write_text(card, encoding="utf-8")
     return {"file": out.name, "bytes": out.stat().st_size}
