@@ -9,6 +9,7 @@ recipe turns off (export.merge: false) publishes a placeholder, so DVC finds the
 """
 from __future__ import annotations
 
+import json
 import shutil
 from typing import Callable
 
@@ -62,7 +63,7 @@ def _targets(plan: dict[str, Stage], recipe: Recipe, until: str | None) -> list[
     if until in plan:
         return [until]
     if until in PIPELINE:  # a kind: every stage of it (`--until quantize` builds every type)
-        group = [name for name, stage in plan.items() if stage.kind == until]
+        group = [s.name for s in members(list(plan.values()), until)]
         if group:
             return group
         raise TunefileError(f"--until {until}: {recipe.name} builds no {until} stage")
@@ -119,7 +120,7 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
                 shutil.rmtree(child)
                 say(f"{recipe.name}/{kind}@{child.name}: removed (no longer in the recipe)")
         if kind == "eval":
-            write_json(folder / "metrics.json", with_base_deltas({s.param: _read_metrics(project, s) for s in group}))
+            write_json(folder / "metrics.json", eval_metrics(project, group))
     elif not group:
         placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
                        "not_built": f"{recipe.name} builds no {kind} stage (see its export section)"}
@@ -128,9 +129,10 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
             write_json(folder / "manifest.json", placeholder)
 
 
-def with_base_deltas(metrics: dict[str, dict]) -> dict[str, dict]:
-    """Each tuned file's metrics with `vs_base`: its perplexity against the base model's, measured
-    on the same tokens by the same code (ratio < 1 and delta < 0: tuning helped)."""
+def eval_metrics(project: Project, evals: list[Stage]) -> dict[str, dict]:
+    """Every eval's metrics by type; each tuned file's with `vs_base`: its perplexity against the
+    base model's, measured on the same tokens by the same code (ratio < 1, delta < 0: tuning helped)."""
+    metrics = {s.param: _read_metrics(project, s) for s in evals}
     base = (metrics.get("base") or {}).get("perplexity")
     out = {}
     for name, m in metrics.items():
@@ -143,8 +145,6 @@ def with_base_deltas(metrics: dict[str, dict]) -> dict[str, dict]:
 
 
 def _read_metrics(project: Project, stage: Stage) -> dict:
-    import json
-
     path = project.stage_dir(stage.recipe, stage.name) / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -152,9 +152,9 @@ def _read_metrics(project: Project, stage: Stage) -> dict:
 def quant_report(project: Project, recipe_name: str) -> tuple[dict, dict[str, dict]]:
     """The train metrics and each eval's metrics by GGUF file name, for `tunefile report`."""
     recipe, plan = stage_map(project, recipe_name)
-    evals = [s for s in plan.values() if s.kind == "eval"]
+    evals = members(list(plan.values()), "eval")
     stale = [s.name for s in [plan["train"], *evals] if not is_built(project, s)]
     if stale:
         raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {recipe_name}`")
-    metrics = with_base_deltas({s.param: _read_metrics(project, s) for s in evals})
+    metrics = eval_metrics(project, evals)
     return _read_metrics(project, plan["train"]), {"base" if t == "base" else f"model-{t}.gguf": m for t, m in metrics.items()}

@@ -96,6 +96,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_dvc(args: argparse.Namespace) -> int:
+    from builder.files import write_atomic
     from builder.resolve import dvc_yaml_text
 
     path, text = dvc_yaml_text()
@@ -106,7 +107,7 @@ def cmd_dvc(args: argparse.Namespace) -> int:
         print(f"{path}: up to date")
         return 0
     if current != text:
-        path.write_text(text)
+        write_atomic(path, text)
         print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from builder.files import write_atomic
 from builder.plan import GROUPED, PIPELINE, Stage, spec_text
 from builder.project import Project
 from builder.refs import is_hub
@@ -61,7 +62,7 @@ def watched_paths(project: Project, plans: dict[str, list[Stage]], digested: set
 
 def render_dvc_yaml(project: Project, recipes: list[str], watched: list[str]) -> str:
     # One out per recipe, its specs folder: a shorter dvc.yaml and dvc.lock for DVC to parse on every run.
-    specs = [_rel(project, project.spec_path(recipe, "base").parent) for recipe in recipes]
+    specs = [_rel(project, project.specs_dir(recipe)) for recipe in recipes]
     dvc_stages: dict[str, dict] = {
         "resolve": {"cmd": "tunefile resolve", "deps": watched,
                     # The recipes as DVC params files: `dvc exp run -S recipes/R.yaml:train.lr=...`,
@@ -102,8 +103,6 @@ def recipes_in(text: str) -> list[str] | None:
 
 def write_specs(project: Project, plans: dict[str, list[Stage]]) -> list[str]:
     """Write each DVC stage's spec file if its bytes changed; return `recipe/kind` of those that did."""
-    from builder.files import write_atomic
-
     changed = []
     for recipe, stages in plans.items():
         for kind in PIPELINE:

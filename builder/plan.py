@@ -103,6 +103,7 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     stat = stat or StatCache(project.cache_dir / "stat-cache.json")
     root = project.root
     base = _stage(recipe, "base", [], recipe.slice("base"), {"model": _base_identity(recipe, root, stat)})
+    template = _template_identity(recipe, root, stat)  # read by dataset, merge and eval@base
     # Inline rows are in the recipe slice; a hub source is pinned by the revision in its path.
     sources = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {} for s in recipe.sources}
     benchmarks = {p: stat.digest(root / p) for p in (recipe.decontaminate.files if recipe.decontaminate else ())}
@@ -111,14 +112,14 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     dataset = _stage(recipe, "dataset", [base],
                      {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"), **eot,
                       "train": {k: recipe.train.model_dump(mode="json")[k] for k in ("train_on", "max_length")}},
-                     {"files": sources, "template": _template_identity(recipe, root, stat),
+                     {"files": sources, "template": template,
                       **({"benchmarks": benchmarks} if benchmarks else {})})
     train = _stage(recipe, "train", [base, dataset], recipe.slice("train"), {})
     stages = [base, dataset, train]
     if recipe.export.merge:
         merge = _stage(recipe, "merge", [base, train],
                        {**recipe.slice("template"), "merge_dtype": recipe.export.merge_dtype},
-                       {"template": _template_identity(recipe, root, stat)})
+                       {"template": template})
         stages.append(merge)
         if recipe.export.gguf is not None:
             # The recipe's name is written into the GGUF (general.name, lineage), so it is an input.
@@ -127,7 +128,7 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
             # template: what every tuned file is compared with (did tuning help?).
             stages += [gguf, _stage(recipe, "eval@base", [base, dataset],
                                     {"type": "base", "dtype": recipe.export.gguf.dtype},
-                                    {"template": _template_identity(recipe, root, stat)})]
+                                    {"template": template})]
             if recipe.export.gguf.dtype not in recipe.export.gguf.quantize:
                 # The unquantized GGUF is measured too: the baseline of the quantization matrix.
                 stages.append(_stage(recipe, f"eval@{recipe.export.gguf.dtype}", [gguf, dataset],

@@ -84,9 +84,12 @@ class Project:
         kind, _, param = stage.partition("@")
         return self.build_dir(recipe) / kind / param if param else self.build_dir(recipe) / stage
 
+    def specs_dir(self, recipe: str) -> Path:
+        return self.build_dir(recipe) / "specs"
+
     def spec_path(self, recipe: str, kind: str) -> Path:
         """The spec file of one DVC stage (a stage kind): its bytes change iff a key in it changes."""
-        return self.build_dir(recipe) / "specs" / f"{kind}.json"
+        return self.specs_dir(recipe) / f"{kind}.json"
 
 
 def load_standalone() -> Project:

@@ -97,10 +97,14 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+def lock_path(project: Project, recipe: str) -> Path:
+    return project.build_dir(recipe) / ".lock"
+
+
 @contextlib.contextmanager
 def recipe_lock(project: Project, recipe: str) -> Iterator[None]:
     """Hold build/<recipe>/.lock; a second build of the same recipe fails at once, saying who holds it."""
-    path = project.build_dir(recipe) / ".lock"
+    path = lock_path(project, recipe)
     key = str(path)
     if os.environ.get(LAUNCHED_ENV) == key:  # a rank started by `accelerate launch`: its parent holds it
         yield
@@ -190,7 +194,7 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
                 summary = (read_manifest(tmp) or {}).get("summary", {})
             elif stage.kind == "train" and wants_launch(project):
                 shutil.rmtree(tmp)  # rank 0 of the launch writes and publishes its own
-                run_launched(project, recipe.name, str(project.build_dir(recipe.name) / ".lock"))
+                run_launched(project, recipe.name, str(lock_path(project, recipe.name)))
                 return _launched_manifest(project, stage)
             else:
                 module = importlib.import_module(f"builder.stages.{MODULES[stage.kind]}")

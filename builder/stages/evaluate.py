@@ -133,19 +133,20 @@ def base_gguf(ctx: StageContext, dtype: str) -> Path:
         metadata = {"tunefile.version": __version__, "tunefile.base_model": ctx.recipe.base.model,
                     "tunefile.base_key": ctx.plan["base"].key}
         convert_model(ctx.recipe, ctx.input_dir("base"), scratch / gguf_name(dtype), dtype, "base", metadata)
-        store.put(key, scratch)
+        store.put(key, scratch)  # hashes the file once; no need to verify what was just stored
         shutil.rmtree(scratch)
-        entry = store.verified(key)
+        entry = store.entry(key)
     return entry / gguf_name(dtype)
 
 
-def base_generation(llm, template: str, messages: list[dict]) -> dict:  # noqa: ANN001
-    """The base model prompted exactly as the tuned ones are (the recipe's template, rendered by
-    llama-cpp-python's Jinja formatter), greedy, stopping at the template's end-of-turn text."""
+def base_generation(llm, template: str, messages: list[dict]) -> tuple[str, int]:  # noqa: ANN001
+    """(text, tokens) of the base model prompted exactly as the tuned ones are (the recipe's template,
+    rendered by llama-cpp-python's Jinja formatter), greedy, stopping at the template's end-of-turn text."""
     _, prompt = _format_chat(llm, template, messages, add_generation_prompt=True)
     bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
-    return llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0,
-                                 stop=stop_texts(template, "append_eos", bos_token=bos, eos_token=eos) or None)
+    out = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0,
+                                stop=stop_texts(template, "append_eos", bos_token=bos, eos_token=eos) or None)
+    return out["choices"][0]["text"], out["usage"]["completion_tokens"]
 
 
 def run(ctx: StageContext) -> dict:
@@ -169,19 +170,18 @@ def run(ctx: StageContext) -> dict:
         prompt = rows[0]["messages"][:-1]  # up to the last user turn
         llm.reset()
         started = time.time()
+        round_trip = checks = None
         if quant == "base":  # its GGUF holds the base tokenizer's template (or none): prompt it as the tuned files
-            completion = base_generation(llm, template, prompt)
-            reply = {"usage": completion["usage"], "choices": [{"message": {"content": completion["choices"][0]["text"]}}]}
-            round_trip = checks = None
+            generation, generated = base_generation(llm, template, prompt)
+            seconds = time.time() - started
         else:
             reply = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0)
-        seconds = time.time() - started
-        if quant != "base":
+            seconds = time.time() - started
+            generation, generated = reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"]
             round_trip = template_round_trip(llm, template, rows[0])
             checks = template_checks(llm, template, rows[0], saved_chat_template(ctx.input_dir("merge")))
     finally:
         llm.close()
-    generated = reply["usage"]["completion_tokens"]
     metrics = {
         "quant": quant,
         "file_bytes": path.stat().st_size,
@@ -189,7 +189,7 @@ def run(ctx: StageContext) -> dict:
         "perplexity_tokens": scored,
         "eval_examples": len(rows),
         "generated_tokens": generated,
-        "generation": reply["choices"][0]["message"]["content"],
+        "generation": generation,
         "generation_tokens_per_second": round(generated / seconds, 1) if seconds else None,
         "template_roundtrip": round_trip,
         "template_checks": checks,
