@@ -139,13 +139,13 @@ def base_gguf(ctx: StageContext, dtype: str) -> Path:
     return entry / gguf_name(dtype)
 
 
-def base_generation(llm, template: str, messages: list[dict]) -> tuple[str, int]:  # noqa: ANN001
+def base_generation(llm, template: str, policy: str, messages: list[dict]) -> tuple[str, int]:  # noqa: ANN001
     """(text, tokens) of the base model prompted exactly as the tuned ones are (the recipe's template,
     rendered by llama-cpp-python's Jinja formatter), greedy, stopping at the template's end-of-turn text."""
     _, prompt = _format_chat(llm, template, messages, add_generation_prompt=True)
     bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
     out = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0,
-                                stop=stop_texts(template, "append_eos", bos_token=bos, eos_token=eos) or None)
+                                stop=stop_texts(template, policy, bos_token=bos, eos_token=eos) or None)
     return out["choices"][0]["text"], out["usage"]["completion_tokens"]
 
 
@@ -172,7 +172,7 @@ def run(ctx: StageContext) -> dict:
         started = time.time()
         round_trip = checks = None
         if quant == "base":  # its GGUF holds the base tokenizer's template (or none): prompt it as the tuned files
-            generation, generated = base_generation(llm, template, prompt)
+            generation, generated = base_generation(llm, template, ctx.recipe.no_end_of_turn, prompt)
             seconds = time.time() - started
         else:
             reply = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0)
