@@ -268,6 +268,7 @@ class Deduplicator:
         # describe(where) names an example in a duplicate's detail, called only for duplicates:
         # `where` can be a cheap tuple, so a million rows cost no strings.
         self.mode, self.seen, self.near, self.describe = mode, {}, None, describe
+        self.bulk_seen: list = []  # check_exact's per-source sorted new digests, first rows, name
         if mode == "near":
             self.near = NearDuplicateIndex(threshold=threshold, seed=seed)
         self.count = 0
@@ -285,6 +286,33 @@ class Deduplicator:
             if twin is not None:
                 return "near_duplicate", f"near-duplicate of an earlier example (#{twin} in source order)"
         return None
+
+    def check_exact(self, name: str, digests) -> tuple[list[int], list[tuple[int, tuple[str, str]]]]:  # noqa: ANN001
+        """check() over a whole source when there is no near-dedup, in bulk: (rows kept, [(row,
+        (reason, detail))]). The same decisions, found by sorting the digests (a numpy bytes
+        array): a row is dropped when an earlier row of its source, or any earlier source, has
+        its digest."""
+        import numpy as np
+
+        digests = np.asarray(digests, dtype="S")
+        if self.mode == "none" or not len(digests):
+            return list(range(len(digests))), []
+        unique, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        owner = [(name, f) for f in first.tolist()]  # who has each unique digest first
+        new = np.ones(len(unique), dtype=bool)
+        for before, rows, source in self.bulk_seen:
+            at = np.minimum(np.searchsorted(before, unique), len(before) - 1)
+            hit = new & (before[at] == unique)
+            for u in np.flatnonzero(hit).tolist():
+                owner[u] = (source, int(rows[at[u]]))
+            new &= ~hit
+        if new.any():
+            self.bulk_seen.append((unique[new], first[new], name))
+        dropped = (first[inverse] != np.arange(len(digests))) | ~new[inverse]
+        drops = [(i, ("duplicate", f"same as {self.describe(owner[inverse[i]])}"))
+                 for i in np.flatnonzero(dropped).tolist()]
+        return np.flatnonzero(~dropped).tolist(), drops
 
 
 def decontaminate(recipe, root: Path, sources: dict, eval_rows: dict[str, set[int]],  # noqa: ANN001

@@ -32,18 +32,41 @@ def is_eval_example(digest: str, fraction: float) -> bool:
     return int(digest[:16], 16) / 2**64 < fraction
 
 
-def pick_eval(recipe, digests: dict[str, list[str]], kept: dict[str, list[int]]) -> dict[str, set[int]]:  # noqa: ANN001
+def hash_prefixes(digests) -> "np.ndarray":  # noqa: ANN001, F821
+    """The first 64 bits of each hex digest (str or bytes) as uint64, what is_eval_example reads."""
+    import numpy as np
+
+    digests = np.asarray(digests, dtype="S")
+    if not len(digests):
+        return np.zeros(0, dtype=np.uint64)
+    chars = digests.view(np.uint8).reshape(len(digests), -1)[:, :16]
+    nibbles = np.where(chars >= ord("a"), chars - (ord("a") - 10), chars - ord("0")).astype(np.uint64)
+    value = np.zeros(len(digests), dtype=np.uint64)
+    for k in range(16):
+        value = (value << np.uint64(4)) | nibbles[:, k]
+    return value
+
+
+def pick_eval(recipe, digests: dict, kept: dict[str, list[int]]) -> dict[str, set[int]]:  # noqa: ANN001
     """Eval rows per source, chosen by each example's own hash (stable when other rows change):
     below the source's (or the mixture's) eval_fraction, or the eval_size smallest hashes overall."""
+    import numpy as np
+
+    prefixes = {s: hash_prefixes(digests[s]) for s in kept}
     if recipe.mixture.eval_size is not None:
-        ranked = sorted((int(digests[s][i][:16], 16), s, i) for s in kept for i in kept[s])
+        ranked = sorted((int(prefixes[s][i]), s, i) for s in kept for i in kept[s])
         chosen: dict[str, set[int]] = {s: set() for s in kept}
         for _, source, i in ranked[:recipe.mixture.eval_size]:
             chosen[source].add(i)
         return chosen
     fractions = {s.name: s.eval_fraction if s.eval_fraction is not None else recipe.mixture.eval_fraction
                  for s in recipe.sources}
-    return {s: {i for i in kept[s] if is_eval_example(digests[s][i], fractions[s])} for s in kept}
+    chosen = {}
+    for s in kept:
+        rows = np.asarray(kept[s], dtype=np.int64)
+        # uint64 -> float64 then / 2**64 rounds exactly as Python's int / 2**64 does.
+        chosen[s] = set(rows[prefixes[s][rows].astype(np.float64) / 2**64 < fractions[s]].tolist())
+    return chosen
 
 
 def cap_pools(recipe, pools: dict[str, list[int]]) -> dict[str, list[int]]:  # noqa: ANN001
@@ -56,15 +79,18 @@ def cap_pools(recipe, pools: dict[str, list[int]]) -> dict[str, list[int]]:  # n
     return capped
 
 
-def order_rows(mixture, rows: list[T], sources: dict) -> list[T]:  # noqa: ANN001
-    """The training order of (source, row) pairs. `shuffle`: a seeded shuffle. `curriculum`: simple
-    to complex, by the difficulty proxy (assistant turns, then trained tokens), ties in a seeded
-    random order, so the same recipe always gives the same order."""
+def order_rows(mixture, picked: dict[str, list[int]], sources: dict) -> list[tuple[str, int]]:  # noqa: ANN001
+    """The order of train.parquet's (source, row) pairs. `shuffle`: source order, rows in file
+    order (the trainer draws a fresh seeded shuffle every epoch, so an append rewrites the split as
+    one sequential copy). `curriculum`: simple to complex, by the difficulty proxy (assistant turns,
+    then trained tokens), ties in a seeded random order; the trainer keeps this order."""
+    if mixture.order == "shuffle":
+        return [(name, i) for name in picked for i in sorted(picked[name])]
+    rows = [(name, i) for name in picked for i in picked[name]]
     rng = random.Random(mixture.seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
-    if mixture.order == "curriculum":
-        rank = {position: k for k, position in enumerate(order)}  # the shuffle breaks ties
-        order.sort(key=lambda k: (sources[rows[k][0]].turns[rows[k][1]], sources[rows[k][0]].trained[rows[k][1]],
-                                  rank[k]))
+    tiebreak = {position: k for k, position in enumerate(order)}
+    order.sort(key=lambda k: (sources[rows[k][0]].turns[rows[k][1]], sources[rows[k][0]].trained[rows[k][1]],
+                              tiebreak[k]))
     return [rows[k] for k in order]

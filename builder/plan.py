@@ -28,7 +28,7 @@ PIPELINE: dict[str, tuple[str, ...]] = {
     "gguf": ("merge",), "quantize": ("gguf",), "eval": ("gguf", "quantize", "dataset"),
 }
 GROUPED = ("quantize", "eval")  # kinds with one stage per type, all in one DVC stage
-CODE_VERSIONS = {"base": 1, "dataset": 4, "train": 2, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
+CODE_VERSIONS = {"base": 1, "dataset": 5, "train": 3, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cache import StageStore
-from builder.examples import Examples, examples_table, tokenize_examples
+from builder.examples import CHUNK_WRITE, Examples, examples_table, tokenize_examples
 from builder.filters import check_conversation, check_tokens
 from builder.hashing import hash_value
 from builder.recipe import FiltersSpec, SourceSpec
@@ -132,8 +132,8 @@ def build_chunk(settings: ShardSettings, chunk: RawChunk, key: str) -> ChunkResu
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.root) as tmp:
         folder = Path(tmp)
-        # lz4: twice as fast to write as zstd and fast to read; the stage's split files are zstd.
-        pq.write_table(examples_table(examples), folder / "examples.parquet", compression="lz4")
+        # lz4: faster to write than zstd and fast to read; the stage's split files are zstd.
+        pq.write_table(examples_table(examples), folder / "examples.parquet", **CHUNK_WRITE)
         (folder / "rejects.jsonl").write_text("".join(
             json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
         meta = {"rows": rows, "conversations": len(conversations), "examples": len(examples)}
@@ -152,6 +152,16 @@ def cached_chunk(store: StageStore, key: str, file: str) -> ChunkResult | None:
     return ChunkResult(key, file, meta["rows"], meta["conversations"], meta["examples"], rejects, cached=True)
 
 
+def warm_up(settings: ShardSettings) -> None:
+    """Import what build_chunk needs and load the tokenizer in this process: forked workers start
+    with both instead of each loading them again."""
+    import pyarrow.parquet  # noqa: F401
+
+    import builder.templates.tokens  # noqa: F401
+
+    tokenizer_for(settings)
+
+
 def _init_worker() -> None:
     # Each worker is one of `workers` processes: the Rust tokenizer's own thread pool would only
     # oversubscribe the cores.
@@ -163,6 +173,7 @@ class ChunkBuilder:
 
     def __init__(self, workers: int):
         self.workers, self.pool = workers, None
+        self._warm = False
 
     def __enter__(self) -> "ChunkBuilder":
         if self.workers > 1:
@@ -178,6 +189,12 @@ class ChunkBuilder:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def _warm_up(self, settings: ShardSettings) -> None:
+        """Before the first chunk is built (and the pool forks its workers, which then inherit it)."""
+        if not self._warm:
+            warm_up(settings)
+            self._warm = True
+
     def load(self, settings: ShardSettings, root: Path) -> list[ChunkResult]:
         """Every chunk of the source, in order: from the store, else built."""
         store = StageStore(Path(settings.cache_dir), NAMESPACE)
@@ -187,6 +204,7 @@ class ChunkBuilder:
             key = chunk_key(settings, chunk)
             results.append(cached_chunk(store, key, chunk.file))
             if results[-1] is None:
+                self._warm_up(settings)
                 if self.pool is None:
                     results[-1] = build_chunk(settings, chunk, key)
                 else:
@@ -217,7 +235,7 @@ class SourceRows:
         sizes = [c.examples for c in chunks]
         self.chunk_of = np.repeat(np.arange(len(chunks), dtype=np.int32), sizes)
         self.local = np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]) if sizes else np.zeros(0, np.int32)
-        self.digests: list[str] = columns["digest"]
+        self.digests = columns["digest"]  # numpy bytes (hex digests)
         self.tokens = np.asarray(columns["tokens"], dtype=np.int64)
         self.trained = np.asarray(columns["trained"], dtype=np.int64)
         self.turns = np.asarray(columns["turns"], dtype=np.int64)
@@ -228,7 +246,10 @@ class SourceRows:
 
     @classmethod
     def of(cls, name: str, chunks: list[ChunkResult], cache_dir: Path) -> "SourceRows":
+        import numpy as np
         import pyarrow.parquet as pq
+
+        from builder.arrow import integers
 
         paths = [chunk_file(cache_dir, c.key) for c in chunks]
         columns: dict[str, list] = {k: [] for k in cls.LIGHT}
@@ -236,8 +257,11 @@ class SourceRows:
             if chunk.examples:
                 table = pq.ParquetFile(path).read(columns=cls.LIGHT)
                 for k in cls.LIGHT:
-                    columns[k] += table.column(k).to_pylist()
-        return cls(name, chunks, paths, columns)
+                    column = table.column(k)
+                    columns[k].append(hex_digests(column) if k == "digest" else integers(column))
+        joined = {k: np.concatenate(v) if v else np.zeros(0, "S32" if k == "digest" else np.int64)
+                  for k, v in columns.items()}
+        return cls(name, chunks, paths, joined)
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -256,6 +280,20 @@ class SourceRows:
         for path, chunk in zip(self.paths, self.chunks):
             if chunk.examples:
                 yield from pq.ParquetFile(path).read(columns=["messages"]).column("messages").to_pylist()
+
+
+def hex_digests(column) -> "np.ndarray":  # noqa: ANN001, F821
+    """An Arrow string column of hex digests as a numpy bytes array, without a Python string per row."""
+    import numpy as np
+
+    array = column.combine_chunks()
+    if array.null_count == 0 and len(array):
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset:array.offset + len(array) + 1]
+        width = int(offsets[1] - offsets[0])
+        if width and np.all(np.diff(offsets) == width):
+            data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+            return data.view(f"S{width}").copy()
+    return np.asarray(array.to_pylist(), dtype="S")
 
 
 def check_reject_rate(spec: SourceSpec, rows: SourceRows, limit: float) -> int:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from builder.mixture import allocate_counts, is_eval_example, sample_examples
+from builder.mixture import allocate_counts, hash_prefixes, is_eval_example, sample_examples
 from builder.recipe import SourceSpec
 from builder.sources import read_source
 
@@ -106,3 +106,14 @@ def test_jsonl_chunks_split_lines_as_the_file_reader_does(tmp_path):
     chunked = [to_conversations(spec, c.file, c.numbered()) for c in raw_chunks(spec, tmp_path, 2)]
     assert [(c.row, c.messages) for c in plain[0]] == [(c.row, c.messages) for got in chunked for c in got[0]]
     assert [c.row for c in plain[0]] == [1, 3] and not plain[1]
+
+
+def test_vectorised_hash_prefixes_read_digests_as_is_eval_example_does():
+    import random
+
+    rng = random.Random(5)
+    digests = [f"{rng.getrandbits(128):032x}" for _ in range(2000)] + ["0" * 32, "f" * 32, "8" + "0" * 31]
+    assert hash_prefixes(digests).tolist() == [int(d[:16], 16) for d in digests]
+    for fraction in (0.0, 0.05, 0.5, 1.0):
+        vector = (hash_prefixes(digests).astype("float64") / 2**64 < fraction).tolist()
+        assert vector == [is_eval_example(d, fraction) for d in digests]

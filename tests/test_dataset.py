@@ -192,7 +192,7 @@ def test_max_examples_and_epochs_shape_a_natural_size_mixture(project):
     assert stats["train_examples"] == 24 and len({r["messages"][0]["content"] for r in rows(project)}) == 14
 
 
-def test_same_recipe_same_bytes_and_the_seed_changes_the_order(project):
+def test_same_recipe_same_bytes_and_the_seed_changes_the_sample(project):
     (project / "data" / "a.jsonl").write_text(alpaca(*[(f"Q{i}?", f"A{i}.") for i in range(30)]))
     (project / "data" / "b.jsonl").write_text(alpaca(*[(f"R{i}?", f"B{i}.") for i in range(5)]))
     recipe = """sources:
@@ -209,10 +209,15 @@ mixture: {size: 45, seed: %d, dedup: near, eval_fraction: 0.1}
     stats = build(project)
     assert {n: (project / "build/r/dataset" / n).read_bytes() for n in names} == first
     assert (stats["sources"]["a"]["sampled"], stats["sources"]["b"]["sampled"]) == (30, 15)
-    order = [r["text"] for r in rows(project)]
-    write_recipe(project, recipe % 2)
+    # Source order, rows in file order (upsampled repeats side by side): the trainer shuffles.
+    written = [(r["source"], r["row"]) for r in rows(project)]
+    assert written == sorted(written, key=lambda sr: (sr[0] != "a", sr[1]))
+    write_recipe(project, (recipe % 1).replace("size: 45", "size: 12"))
     build(project)
-    assert [r["text"] for r in rows(project)] != order
+    sample = [r["text"] for r in rows(project)]
+    write_recipe(project, (recipe % 2).replace("size: 45", "size: 12"))
+    build(project)
+    assert [r["text"] for r in rows(project)] != sample
 
 
 def test_hub_source_offline_fails_fast_with_a_clear_message(project, monkeypatch):
@@ -430,5 +435,5 @@ def test_curriculum_orders_simple_to_complex_and_shows_it(project):
     assert (project / "build/r/dataset/train.parquet").read_bytes() == first
     write_recipe(project, "mixture: {eval_fraction: 0.0, seed: 4}\n" + body)
     assert build(project)["mixture_order"] == "shuffle"
-    assert [(sum(m["role"] == "assistant" for m in r["messages"])) for r in rows(project)] != sorted(
-        sum(m["role"] == "assistant" for m in r["messages"]) for r in rows(project))
+    assert [(r["source"], r["row"]) for r in rows(project)] == [("a", i) for i in range(1, 21)] + [
+        ("c", i) for i in range(1, 7)]

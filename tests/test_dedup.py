@@ -203,3 +203,20 @@ def test_read_benchmark_texts_errors(tmp_path, name, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_benchmark_texts(path)
+
+
+def test_bulk_exact_dedup_makes_the_per_row_decisions():
+    import random
+
+    from builder.dedup import Deduplicator
+
+    rng = random.Random(0)
+    for _ in range(200):
+        sources = {f"s{k}": [f"{rng.randrange(12):032x}" for _ in range(rng.randrange(15))] for k in range(3)}
+        one, bulk = (Deduplicator("exact", 0.8, 0, describe=lambda w: f"{w[0]} row {w[1]}") for _ in range(2))
+        for name, digests in sources.items():
+            kept, drops = [], []
+            for i, digest in enumerate(digests):
+                drop = one.check(digest, None, (name, i))
+                (kept if drop is None else drops).append(i if drop is None else (i, drop))
+            assert bulk.check_exact(name, digests) == (kept, drops)

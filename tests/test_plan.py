@@ -207,14 +207,14 @@ def test_golden_keys(tmp_path, monkeypatch):
     keys = {s.name: s.key for s in plan_stages(project.load_recipe("golden"), project)}
     assert keys == {
         "base": "94fc260c1bfdf3bda9ff6fab109cd9f6",
-        "dataset": "a1212f200f8005c26b98dfdfaebc0f39",
-        "train": "ea6e8a7f2445a0e07312f0323dc50237",
-        "merge": "b1c2441363e8c262263569f89ce5b656",
-        "gguf": "cf019c14f6c0e33161fc190cdd51a6eb",
-        "eval@base": "cfa4c1798c6e4a87a81a1bd37a240295",
-        "eval@f16": "164143540fc71affc32c9189d14163e8",
-        "quantize@q8_0": "6266f4be29521cec8ac550b37b9225fa",
-        "eval@q8_0": "0b5eb96b456fd8cd74621766537be79a",
+        "dataset": "109e1d0c742e833ef58b010c881f01c2",
+        "train": "7f609a0ecc18a9d4c9032d469b5a01e0",
+        "merge": "88165196b044d466a14c8e0e57b29c72",
+        "gguf": "15d9c92539adfece0c5c5fdcb960f168",
+        "eval@base": "80ae5650f438cd90ab707b313e50b84d",
+        "eval@f16": "bb9c4b4e322d75faea528b7c102edec4",
+        "quantize@q8_0": "2c36477c0c8d05f4f1255357b5361825",
+        "eval@q8_0": "95297e9f24683d99bb4a9a7d51dd724d",
     }
 
 

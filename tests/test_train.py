@@ -284,3 +284,15 @@ def test_launch_commands_from_params_and_the_shipped_accelerate_configs(tmp_path
     kinds = {name: load_config_from_file(str(REPO / "configs" / "accelerate" / name)).distributed_type
              for name in ("fsdp.yaml", "deepspeed-zero2.yaml")}
     assert {k: v.value for k, v in kinds.items()} == {"fsdp.yaml": "FSDP", "deepspeed-zero2.yaml": "DEEPSPEED"}
+
+
+def test_curriculum_keeps_the_split_order_and_shuffle_draws_a_new_one_every_epoch():
+    import random
+
+    from builder.stages.train import epoch_order
+
+    examples = list(range(50))
+    rng = random.Random(3)
+    assert epoch_order(examples, rng, shuffle=False) == examples  # simple to complex, as written
+    first, second = epoch_order(examples, rng, shuffle=True), epoch_order(examples, rng, shuffle=True)
+    assert sorted(first) == examples and first != examples and second != first

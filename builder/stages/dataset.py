@@ -74,14 +74,18 @@ def deduplicate(recipe: Recipe, sources: dict[str, SourceRows]) -> tuple[dict[st
                          describe=lambda where: sources[where[0]].describe(where[1]))
     kept, rejects = {}, {}
     for name, rows in sources.items():
-        messages = rows.messages() if mixture.dedup == "near" else None
-        rejects[name], kept[name] = list(rows.rejects), []
-        for i, digest in enumerate(rows.digests):
-            drop = dedup.check(digest, next(messages) if messages else None, (name, i))
-            if drop is None:
-                kept[name].append(i)
-            else:
-                rejects[name].append(Reject(name, *rows.file_row(i), *drop))
+        rejects[name] = list(rows.rejects)
+        if mixture.dedup == "near":
+            messages, kept[name] = rows.messages(), []
+            for i, digest in enumerate(rows.digests):
+                drop = dedup.check(digest, next(messages), (name, i))
+                if drop is None:
+                    kept[name].append(i)
+                else:
+                    rejects[name].append(Reject(name, *rows.file_row(i), *drop))
+        else:
+            kept[name], drops = dedup.check_exact(name, rows.digests)
+            rejects[name] += [Reject(name, *rows.file_row(i), *drop) for i, drop in drops]
         if not kept[name]:
             first = "; ".join(f"row {r.row}: {r.reason} ({r.detail})" for r in rejects[name][:3])
             raise DataError(f"source '{name}' has no usable example: {first}")
@@ -129,7 +133,7 @@ def summarize(recipe: Recipe, sources: dict[str, SourceRows], kept: dict, reject
             "train_tokens": sum(s["tokens"] for s in stats.values()),
             "trained_tokens": sum(s["trained_tokens"] for s in stats.values()),
             "length_histogram": length_histogram({n: sources[n].tokens[picked[n]] for n in sources}),
-            "length_by_position": [round(t, 1) for t in _length_by_position(train, sources)]}
+            "length_by_position": [round(t, 1) for t in _length_by_position(recipe.mixture, train, sources)]}
 
 
 def write_rejects(path, rejects: dict[str, list[Reject]]) -> None:  # noqa: ANN001
@@ -148,7 +152,7 @@ def run(ctx: StageContext) -> dict:
     kept, rejects = deduplicate(recipe, sources)
     eval_rows, pools = split_eval(recipe, root, sources, kept, rejects)
     picked = draw_mixture(recipe, pools)
-    train = order_rows(recipe.mixture, [(name, i) for name in picked for i in picked[name]], sources)
+    train = order_rows(recipe.mixture, picked, sources)
     held_out = [(name, i) for name in eval_rows for i in sorted(eval_rows[name])]
     summary = summarize(recipe, sources, kept, rejects, eval_rows, pools, picked, train, held_out)
     laps.append(("mix", time.perf_counter(), _peak_rss_mib()))
@@ -177,12 +181,15 @@ def _peak_rss_mib() -> int:
 POSITION_BINS = 20
 
 
-def _length_by_position(train: list[tuple[str, int]], sources: dict[str, SourceRows]) -> list[float]:
-    """Mean tokens per example in POSITION_BINS equal slices of the training order (the curriculum
-    picture: flat for a shuffle, rising for mixture.order: curriculum)."""
+def _length_by_position(mixture, train: list[tuple[str, int]], sources: dict[str, SourceRows]) -> list[float]:  # noqa: ANN001
+    """Mean tokens per example in POSITION_BINS equal slices of the order training reads: one seeded
+    shuffle of the split for mixture.order: shuffle (the trainer shuffles every epoch: flat), the
+    split's own order for curriculum (rising)."""
     import numpy as np
 
     if not train:
         return []
     tokens = np.asarray([sources[name].tokens[i] for name, i in train], dtype=np.float64)
+    if mixture.order == "shuffle":
+        tokens = tokens[np.random.default_rng(mixture.seed).permutation(len(tokens))]
     return [float(np.mean(part)) for part in np.array_split(tokens, min(POSITION_BINS, len(tokens)))]

@@ -101,25 +101,29 @@ def load_model(spec, base_dir, precision: str):  # noqa: ANN001, ANN201
     return model
 
 
-def padding_report(examples: list, spec, pad_id: int) -> dict:  # noqa: ANN001
+def padding_report(examples: list, spec, pad_id: int, shuffle: bool) -> dict:  # noqa: ANN001
     """The padding fraction of the first epoch with and without packing (what packing saves)."""
-    order = list(examples)
-    random.Random(spec.seed).shuffle(order)
+    order = epoch_order(examples, random.Random(spec.seed), shuffle)
     return {f"padding_fraction_{name}": padding_fraction(make_batches(order, spec.batch_size, packing,
                                                                       spec.max_length, pad_id))
             for name, packing in (("packed", True), ("unpacked", False))}
 
 
-def draw_epochs(examples: list, spec, pad_id: int) -> list[list[Batch]]:  # noqa: ANN001
+def epoch_order(examples: list, rng: random.Random, shuffle: bool) -> list:
+    """One epoch's examples: a seeded shuffle (mixture.order: shuffle), or train.parquet's own
+    order (mixture.order: curriculum, simple to complex)."""
+    order = list(examples)
+    if shuffle:
+        rng.shuffle(order)
+    return order
+
+
+def draw_epochs(examples: list, spec, pad_id: int, shuffle: bool) -> list[list[Batch]]:  # noqa: ANN001
     """Every epoch's batches, drawn up front from the seed: the schedule knows the exact number of
     steps, and a resumed run sees exactly the batches the interrupted one would have."""
     rng = random.Random(spec.seed)
-    epochs = []
-    for _ in range(spec.epochs):
-        order = list(examples)
-        rng.shuffle(order)
-        epochs.append(make_batches(order, spec.batch_size, spec.packing, spec.max_length, pad_id))
-    return epochs
+    return [make_batches(epoch_order(examples, rng, shuffle), spec.batch_size, spec.packing, spec.max_length, pad_id)
+            for _ in range(spec.epochs)]
 
 
 def run(ctx: StageContext) -> dict:
@@ -145,7 +149,8 @@ def run(ctx: StageContext) -> dict:
     train_examples = read_split(data_dir / "train.parquet")
     eval_batches = make_batches(read_split(data_dir / "eval.parquet"), spec.batch_size, spec.packing,
                                 spec.max_length, pad_id)
-    epochs = draw_epochs(train_examples, spec, pad_id)
+    shuffle = ctx.recipe.mixture.order == "shuffle"
+    epochs = draw_epochs(train_examples, spec, pad_id, shuffle)
     # One optimizer step takes gradient_accumulation micro-batches per process; under a multi-process
     # launch, process r trains micro-batches r, r+W, ... of each step's group (W processes).
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -245,7 +250,7 @@ def run(ctx: StageContext) -> dict:
     with open(ctx.out_dir / "eval.csv", "w") as f:
         f.write("step,eval_loss\n")
         f.writelines(f"{s},{loss:.6f}\n" for s, loss in evals if loss is not None)
-    padding = padding_report(train_examples, spec, pad_id)  # the first epoch, packed and not
+    padding = padding_report(train_examples, spec, pad_id, shuffle)  # the first epoch, packed and not
     padding["padding_fraction"] = padding["padding_fraction_packed" if spec.packing else "padding_fraction_unpacked"]
     metrics = {"steps": len(steps), "micro_batches": len(micro), "train_loss": round(curve[-1][2], 6),
                "eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
