@@ -108,7 +108,8 @@ def run_dvc_stage(project: Project, recipe_name: str, name: str, say: Say = prin
 
 def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], say: Say) -> None:
     """After a kind's stages ran: drop folders of types no longer in the recipe, write the kind's
-    summary (eval/metrics.json: every type's metrics, for `dvc metrics`), or a placeholder for a
+    summary (eval/metrics.json: every type's metrics, for `dvc metrics`, and metrics.png, a bar per
+    type for each metric, for `dvc plots`), or a placeholder for a
     kind the recipe does not build."""
     group = members(list(plan.values()), kind)
     folder = project.stage_dir(recipe.name, kind)
@@ -120,7 +121,11 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
                 shutil.rmtree(child)
                 say(f"{recipe.name}/{kind}@{child.name}: removed (no longer in the recipe)")
         if kind == "eval":
-            write_json(folder / "metrics.json", eval_metrics(project, group))
+            from builder.report import write_eval_png
+
+            metrics = eval_metrics(project, group)
+            write_json(folder / "metrics.json", metrics)
+            write_eval_png(metrics, folder / "metrics.png")
     elif not group:
         placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
                        "not_built": f"{recipe.name} builds no {kind} stage (see its export section)"}
@@ -129,19 +134,45 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
             write_json(folder / "manifest.json", placeholder)
 
 
+CHECK_DELTAS = ("stop_rate", "prompt_strict", "prompt_loose", "constraint_strict", "constraint_loose",
+                "answer_tokens_mean")
+
+
 def eval_metrics(project: Project, evals: list[Stage]) -> dict[str, dict]:
-    """Every eval's metrics by type; each tuned file's with `vs_base`: its perplexity against the
-    base model's, measured on the same tokens by the same code (ratio < 1, delta < 0: tuning helped)."""
+    """Every eval's metrics by type; each tuned file's with `vs_base`: its numbers against the base
+    model's, measured on the same items by the same code. Perplexity as a ratio and a delta (< 1,
+    < 0: tuning helped); the instruction checks, the stop rate and every task metric as base and delta."""
     metrics = {s.param: _read_metrics(project, s) for s in evals}
-    base = (metrics.get("base") or {}).get("perplexity")
+    base = metrics.get("base") or {}
     out = {}
     for name, m in metrics.items():
-        ppl = m.get("perplexity")
-        if name != "base" and base and ppl:
-            m = {**m, "vs_base": {"perplexity_base": base, "perplexity_delta": round(ppl - base, 4),
-                                  "perplexity_ratio": round(ppl / base, 4)}}
-        out[name] = m
+        if name != "base" and base:
+            out[name] = {**m, "vs_base": _versus(m, base)}
+        else:
+            out[name] = m
     return out
+
+
+def _versus(tuned: dict, base: dict) -> dict:
+    versus: dict = {}
+    if base.get("perplexity") and tuned.get("perplexity"):
+        versus.update({"perplexity_base": base["perplexity"],
+                       "perplexity_delta": round(tuned["perplexity"] - base["perplexity"], 4),
+                       "perplexity_ratio": round(tuned["perplexity"] / base["perplexity"], 4)})
+    checks, base_checks = tuned.get("checks") or {}, base.get("checks") or {}
+    for key in CHECK_DELTAS:
+        if isinstance(checks.get(key), (int, float)) and isinstance(base_checks.get(key), (int, float)):
+            versus[f"{key}_base"] = base_checks[key]
+            versus[f"{key}_delta"] = round(checks[key] - base_checks[key], 4)
+    tasks = {}
+    for task, scores in (tuned.get("tasks") or {}).items():
+        before = (base.get("tasks") or {}).get(task) or {}
+        tasks[task] = {f"{k}_delta": round(v - before[k], 6) for k, v in scores.items()
+                       if k != "samples" and isinstance(before.get(k), (int, float))}
+        tasks[task].update({f"{k}_base": before[k] for k in scores if k != "samples" and k in before})
+    if tasks:
+        versus["tasks"] = tasks
+    return versus
 
 
 def _read_metrics(project: Project, stage: Stage) -> dict:

@@ -84,7 +84,8 @@ def render_dvc_yaml(project: Project, recipes: list[str], watched: list[str]) ->
         metrics += [_rel(project, build / "dataset" / "stats.json"), _rel(project, build / "train" / "metrics.json"),
                     _rel(project, build / "eval" / "metrics.json")]
         loss_csv = _rel(project, build / "train" / "loss.csv")
-        plots += [_rel(project, build / "dataset" / "mixture.png"),  # an image plot: `dvc plots show`
+        plots += [_rel(project, build / "dataset" / "mixture.png"),  # image plots: `dvc plots show`
+                  _rel(project, build / "eval" / "metrics.png"),
                   {loss_csv: {"x": "step", "y": "loss"}},
                   {f"{recipe}-learning-rate": {"x": "step", "y": {loss_csv: "lr"}}},
                   {_rel(project, build / "train" / "eval.csv"): {"x": "step", "y": "eval_loss"}}]

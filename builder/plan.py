@@ -28,7 +28,7 @@ PIPELINE: dict[str, tuple[str, ...]] = {
     "gguf": ("merge",), "quantize": ("gguf",), "eval": ("gguf", "quantize", "dataset"),
 }
 GROUPED = ("quantize", "eval")  # kinds with one stage per type, all in one DVC stage
-CODE_VERSIONS = {"base": 1, "dataset": 5, "train": 3, "merge": 2, "gguf": 1, "quantize": 1, "eval": 1}
+CODE_VERSIONS = {"base": 1, "dataset": 5, "train": 3, "merge": 2, "gguf": 1, "quantize": 1, "eval": 2}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "base": ("tokenizers", "torch", "transformers", "safetensors"),
@@ -83,6 +83,22 @@ def _template_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
     return {"name": recipe.template, "digest": stat.digest(path)}
 
 
+def _evaluation_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
+    """What the eval stages' extra measurements read: the evaluate section, the prompts file,
+    every file of each local lm-eval task's folder and, with tasks, lm-eval's version. Nothing for
+    a recipe without `evaluate`, so its keys stay as they were."""
+    if recipe.evaluate is None:
+        return {}
+    from builder.lmeval import task_files
+
+    spec = recipe.evaluate
+    files = [root / spec.prompts] if spec.prompts else []
+    files += task_files(list(spec.tasks), root)
+    return {"evaluate": recipe.slice("evaluate")["evaluate"],
+            "evaluate_files": {project_path(f, root): stat.digest(f) for f in files if f.is_file()},
+            **({"lm_eval": library_version("lm_eval")} if spec.tasks else {})}
+
+
 def _stage(recipe: Recipe, name: str, upstream: list[Stage], slice_: dict, extra: dict) -> Stage:
     kind = name.split("@")[0]
     inputs = {
@@ -115,6 +131,8 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
                      {"files": sources, "template": template,
                       **({"benchmarks": benchmarks} if benchmarks else {})})
     train = _stage(recipe, "train", [base, dataset], recipe.slice("train"), {})
+    # Read (and so watched by resolve) whether or not the recipe exports: dvc.yaml stays the same.
+    evaluation = _evaluation_identity(recipe, root, stat)
     stages = [base, dataset, train]
     if recipe.export.merge:
         merge = _stage(recipe, "merge", [base, train],
@@ -128,14 +146,14 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
             # template: what every tuned file is compared with (did tuning help?).
             stages += [gguf, _stage(recipe, "eval@base", [base, dataset],
                                     {"type": "base", "dtype": recipe.export.gguf.dtype},
-                                    {"template": template})]
+                                    {"template": template, **evaluation})]
             if recipe.export.gguf.dtype not in recipe.export.gguf.quantize:
                 # The unquantized GGUF is measured too: the baseline of the quantization matrix.
                 stages.append(_stage(recipe, f"eval@{recipe.export.gguf.dtype}", [gguf, dataset],
-                                     {"type": recipe.export.gguf.dtype}, {}))
+                                     {"type": recipe.export.gguf.dtype}, evaluation))
             for quant in recipe.export.gguf.quantize:
                 quantize = _stage(recipe, f"quantize@{quant}", [gguf], {"type": quant}, {})
-                evaluate = _stage(recipe, f"eval@{quant}", [quantize, dataset], {"type": quant}, {})
+                evaluate = _stage(recipe, f"eval@{quant}", [quantize, dataset], {"type": quant}, evaluation)
                 stages += [quantize, evaluate]
     if own_cache:
         stat.save()

@@ -206,6 +206,20 @@ class ExportSpec(Strict):
         return self
 
 
+class EvaluateSpec(Strict):
+    # Held-out instruction prompts with verifiable constraints (builder/ifeval.py), answered
+    # greedily by the base model and every GGUF file.
+    prompts: Optional[str] = None
+    max_tokens: int = Field(default=64, ge=1, le=4096)  # generation budget per answer
+    # Eval-split conversations answered to measure the stop rate and answer lengths.
+    stop_examples: int = Field(default=16, ge=0, le=10000)
+    # lm-evaluation-harness tasks: registry names, or paths to local task YAML files (.yaml).
+    tasks: tuple[str, ...] = ()
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    limit: Optional[int] = Field(default=None, ge=1)  # items per task
+    chat_template: bool = False  # render task prompts with the GGUF's own chat template
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     description: Optional[str] = None
@@ -222,6 +236,7 @@ class Recipe(Strict):
     decontaminate: Optional[DecontaminateSpec] = None
     train: TrainSpec = TrainSpec()
     export: ExportSpec = ExportSpec()
+    evaluate: Optional[EvaluateSpec] = None
 
     @field_validator("template")
     @classmethod

@@ -197,6 +197,54 @@ def write_mixture_png(stats: dict, path: Path) -> None:
     write_atomic(Path(path), buffer.getvalue())
 
 
+def eval_panels(metrics: dict[str, dict]) -> list[tuple[str, dict[str, float]]]:
+    """(title, {type: value}) for each number eval/metrics.json holds for every type: perplexity,
+    the stop rate, the instruction-following rates and each task metric."""
+    def value(m: dict, path: tuple) -> float | None:
+        for key in path:
+            m = m.get(key) if isinstance(m, dict) else None
+        return m if isinstance(m, (int, float)) and not isinstance(m, bool) else None
+
+    paths = [("perplexity (assistant tokens)", ("perplexity",)), ("stop rate", ("checks", "stop_rate")),
+             ("instructions followed, strict (prompts)", ("checks", "prompt_strict")),
+             ("constraints met, strict", ("checks", "constraint_strict"))]
+    tasks = sorted({t for m in metrics.values() for t in (m.get("tasks") or {})})
+    paths += [(f"{t}: {k}", ("tasks", t, k)) for t in tasks for k in ("acc", "acc_norm", "exact_match")]
+    panels = []
+    for title, path in paths:
+        values = {name: value(m, path) for name, m in metrics.items()}
+        if values and all(v is not None for v in values.values()):
+            panels.append((title, values))
+    return panels
+
+
+def write_eval_png(metrics: dict[str, dict], path: Path) -> None:
+    """eval/metrics.png: one panel per metric, a bar per GGUF file (the base model first, in grey),
+    for `dvc plots show`. Same metrics, same bytes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    panels = eval_panels(metrics) or [("no metrics yet", {})]
+    width = int(FIGURE_WIDTH * DPI)
+    image = Image.new("RGB", (width, PANEL_PX * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    for k, (title, values) in enumerate(panels):
+        box = (MARGIN_LEFT, k * PANEL_PX + MARGIN_TOP, width - MARGIN_RIGHT, (k + 1) * PANEL_PX - MARGIN_BOTTOM)
+        _frame(draw, font, box, title, "GGUF file")
+        names = list(values)
+        columns = [[(values[n], (150, 150, 150) if n == "base" else PALETTE[i % len(PALETTE)])] for i, n in enumerate(names)]
+        top = max([*values.values(), 1e-9]) * 1.1 if values and max(values.values()) > 1 else 1.0
+        _bars(draw, font, box, columns, names, top, "")
+        for j, n in enumerate(names):  # the value above each bar
+            slot = (box[2] - box[0]) / len(names)
+            height = (box[3] - box[1]) * values[n] / top
+            draw.text((box[0] + (j + 0.5) * slot, box[3] - height - 3), f"{values[n]:.3g}", fill="black", font=font,
+                      anchor="mb")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    write_atomic(Path(path), buffer.getvalue())
+
+
 def _frame(draw, font, box: tuple, title: str, xlabel: str) -> None:  # noqa: ANN001
     left, top, right, bottom = box
     draw.rectangle(box, outline="black")
@@ -274,23 +322,39 @@ def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
         lines.append(f"train: {train.get('steps')} steps, train loss {train.get('train_loss')}, eval loss "
                      f"{train.get('eval_loss')}, {train.get('tokens_per_second')} tokens/s on {train.get('device')} "
                      f"({train.get('precision', '-')}), padding {_percent(train.get('padding_fraction'))}")
-    header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "gen tok/s", "template")
+    tasks = sorted({t for m in evals.values() for t in (m.get("tasks") or {})})
+    header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "stop rate", "IF strict", *(f"{t} acc" for t in tasks),
+              "gen tok/s", "template")
     rows = []
     first = next((m.get("perplexity") for n, m in evals.items() if n != "base" and m.get("perplexity")), None)
     for name, metrics in evals.items():
         ppl = metrics.get("perplexity")
         checks = {**(metrics.get("template_roundtrip") or {}), **(metrics.get("template_checks") or {})}
-        vs_base = (metrics.get("vs_base") or {}).get("perplexity_ratio")
+        versus = metrics.get("vs_base") or {}
+        vs_base = versus.get("perplexity_ratio")
+        instructions = metrics.get("checks") or {}
+        scores = [_with_delta(((metrics.get("tasks") or {}).get(t) or {}).get("acc"),
+                              ((versus.get("tasks") or {}).get(t) or {}).get("acc_delta")) for t in tasks]
         rows.append((name, f"{metrics.get('file_bytes', 0) / 2**20:.2f}", MISSING if ppl is None else f"{ppl:.4f}",
                      MISSING if vs_base is None else f"{vs_base:.4f}x",
                      MISSING if not (ppl and first) or name == "base" else f"{ppl / first:.4f}x",
+                     _with_delta(instructions.get("stop_rate"), versus.get("stop_rate_delta")),
+                     _with_delta(instructions.get("prompt_strict"), versus.get("prompt_strict_delta")), *scores,
                      str(metrics.get("generation_tokens_per_second", MISSING)),
                      "ok" if checks and all(checks.values()) else
                      "FAILED: " + ", ".join(k for k, v in sorted(checks.items()) if not v) if checks else MISSING))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
-        lines.append("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        lines.append("  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _with_delta(value: float | None, delta: float | None) -> str:
+    """0.600 (+0.267): a tuned file's number and its change from the base model's."""
+    if value is None:
+        return MISSING
+    return f"{value:.3f}" + ("" if delta is None else f" ({delta:+.3f})")
 
 
 def _percent(value: float | None) -> str:

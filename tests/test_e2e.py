@@ -141,6 +141,70 @@ def test_llama_cpp_loads_and_answers(repo):
     assert all(float(line.split()[3].rstrip("x")) < 1 for line in report[4:])  # perplexity vs base
 
 
+def test_eval_measures_checks_and_tasks_tuned_vs_base(repo):
+    """evaluate: the instruction checks, the stop rate and the local lm-eval task on the base model
+    and every GGUF file; `dvc metrics show` lists them side by side."""
+    metrics = json.loads((repo / "build/default/eval/metrics.json").read_text())
+    for quant, m in metrics.items():
+        checks = m["checks"]
+        assert checks["prompts"] == 12 and 0 <= checks["prompt_strict"] <= checks["prompt_loose"] <= 1
+        assert set(checks["per_check"]) >= {"json", "bullets", "words", "sentences", "include", "stops"}
+        assert checks["stop_prompts"] > 0 and 0 <= checks["stop_rate"] <= 1 and checks["answer_tokens_max"] <= 64
+        assert m["tasks"]["tunefile_demo_mc"]["samples"] == 40 and 0 <= m["tasks"]["tunefile_demo_mc"]["acc"] <= 1
+        if quant != "base":
+            assert m["vs_base"]["stop_rate_base"] == metrics["base"]["checks"]["stop_rate"]
+            assert "acc_delta" in m["vs_base"]["tasks"]["tunefile_demo_mc"]
+        answers = (repo / "build/default/eval" / quant / "answers.jsonl").read_text().splitlines()
+        assert len(answers) == 12 and all(json.loads(a)["checks"][-1]["check"] == "stops" for a in answers)
+    shown = sh(repo, "dvc", "metrics", "show")
+    assert "base.checks.stop_rate" in shown and "f16.checks.stop_rate" in shown
+    assert "f16.tasks.tunefile_demo_mc.acc" in shown
+
+
+def test_lm_eval_adapter_matches_the_hf_backend(repo, monkeypatch):
+    """The same local task through lm-eval's own `hf` backend on the merged model: the adapter over
+    llama.cpp on the f16 GGUF gives the same accuracy within 0.05 (2 of 40 items; float paths differ)."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(repo)  # the task's data_files are relative to the project root
+    results = evaluator.simple_evaluate(
+        model="hf", model_args=f"pretrained={repo / 'build/default/merge'},dtype=float32", device="cpu",
+        tasks=["tunefile_demo_mc"], task_manager=TaskManager(include_path=[str(repo / "data/tasks")],
+                                                             include_defaults=False),
+        batch_size=8, bootstrap_iters=0, log_samples=False)["results"]["tunefile_demo_mc"]
+    ours = json.loads((repo / "build/default/eval/f16/metrics.json").read_text())["tasks"]["tunefile_demo_mc"]
+    assert abs(results["acc,none"] - ours["acc"]) <= 0.05 and abs(results["acc_norm,none"] - ours["acc_norm"]) <= 0.05
+
+
+def test_lm_eval_adapter_rolling_generation_and_item_cache(repo, tmp_path):
+    """loglikelihood_rolling of a short text equals its loglikelihood after the prefix token;
+    generate_until stops at `until`; a second pass is answered from the item cache alone."""
+    import llama_cpp
+    from lm_eval.api.instance import Instance
+
+    from builder.lmeval import ItemCache, make_adapter
+
+    llm = llama_cpp.Llama(model_path=str(repo / "build/default/gguf/model-f16.gguf"), n_ctx=256, logits_all=True,
+                          seed=0, verbose=False)
+    text = "Rain is water that falls from clouds."
+    request = lambda kind, args: Instance(kind, {}, args, 0)  # noqa: E731
+    try:
+        for attempt in range(2):
+            cache = ItemCache(tmp_path / "items.sqlite", "model-key")
+            lm = make_adapter(llm, cache)
+            rolling = lm.loglikelihood_rolling([request("loglikelihood_rolling", (text,))])[0]
+            (logprob, _), = lm.loglikelihood([request("loglikelihood", ("", text))])
+            generated = lm.generate_until([request("generate_until", ("Rain is", {"until": ["."], "max_gen_toks": 16}))])[0]
+            counts = (cache.hits, cache.misses)
+            cache.close()
+            assert rolling < 0 and abs(rolling - logprob) < 1e-6
+            assert "." not in generated
+            assert counts == ((1, 2) if attempt == 0 else (3, 0)), counts  # the two scorings share one item
+    finally:
+        llm.close()
+
+
 def test_second_repro_is_a_no_op(repo):
     stamps = {p: p.stat().st_mtime_ns for p in (repo / "build" / "default").rglob("manifest.json")}
     assert len(stamps) == len(STAGES)
@@ -376,3 +440,29 @@ def test_launch_settings_train_under_accelerate_launch_from_dvc_repro(repo):
     summary = json.loads((repo / "build/default/train/manifest.json").read_text())["summary"]
     assert summary["processes"] == 2 and summary["steps"] > 0
     assert (repo / "dvc.yaml").read_text() == dvc_yaml
+
+
+def test_adding_a_task_computes_only_its_items(repo):
+    """A second local task: `dvc repro` reruns the eval stage, and every eval computes only the new
+    task's 160 requests (40 questions x 4 choices); the first task and the checks come from the
+    item cache. Removing it again restores the earlier metrics from the stage store."""
+    sh(repo, "dvc", "repro")  # the test before trained only (dvc repro default-train)
+    tasks = repo / "data" / "tasks"
+    config = (tasks / "demo_mc.yaml").read_text().replace("task: tunefile_demo_mc", "task: tunefile_demo_mc_q")
+    (tasks / "demo_mc_q.yaml").write_text(config.replace('doc_to_text: "Question: {{question}}\\nAnswer:"',
+                                                         'doc_to_text: "Q: {{question}}\\nA:"'))
+    recipe = repo / "recipes" / "default.yaml"
+    original = recipe.read_text()
+    # `dvc exp run -S` (above) rewrote the recipe in block style.
+    edit(recipe, "  - data/tasks/demo_mc.yaml\n", "  - data/tasks/demo_mc.yaml\n  - data/tasks/demo_mc_q.yaml\n")
+    output = sh(repo, "dvc", "repro")
+    assert ran(output) == ["resolve", "default-eval"]
+    for quant in ("base", "f16", "q8_0", "q4_k_m"):
+        summary = json.loads((stage_dir(repo, f"eval@{quant}") / "manifest.json").read_text())["summary"]
+        assert summary["item_cache"]["computed"] == 160, (quant, summary["item_cache"])
+        assert summary["item_cache"]["hits"] >= 160 + 12
+        metrics = json.loads((stage_dir(repo, f"eval@{quant}") / "metrics.json").read_text())
+        assert sorted(metrics["tasks"]) == ["tunefile_demo_mc", "tunefile_demo_mc_q"]
+    recipe.write_text(original)
+    sh(repo, "dvc", "repro")
+    assert "tunefile_demo_mc_q" not in (repo / "build/default/eval/metrics.json").read_text()

@@ -132,7 +132,8 @@ def test_dvc_yaml_does_not_depend_on_what_a_recipe_builds(tmp_path, monkeypatch)
     assert main(["dvc"]) == 0
     first = yaml.safe_load((root / "dvc.yaml").read_text())
     assert list(first["stages"]) == ["resolve"] + [f"default-{k}" for k in KINDS]
-    assert first["stages"]["resolve"]["deps"] == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "params.yaml"]
+    assert first["stages"]["resolve"]["deps"] == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "data/demo_prompts.jsonl",
+                                                   "data/tasks/demo_mc.jsonl", "data/tasks/demo_mc.yaml", "params.yaml"]
     assert "always_changed" not in first["stages"]["resolve"]
     assert first["stages"]["default-quantize"]["outs"] == [{"build/default/quantize": {"persist": True}}]
     edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q2_k]")
@@ -144,7 +145,8 @@ def test_dvc_yaml_does_not_depend_on_what_a_recipe_builds(tmp_path, monkeypatch)
     edit(root, "sources:\n", "sources:\n  - {name: more, path: more/*.jsonl, format: alpaca}\n")
     assert main(["resolve"]) == 0  # a recipe reads a new folder: resolve watches it from now on
     deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["resolve"]["deps"]
-    assert deps == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "more", "params.yaml"]
+    assert deps == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "data/demo_prompts.jsonl", "data/tasks/demo_mc.jsonl",
+                    "data/tasks/demo_mc.yaml", "more", "params.yaml"]
     assert main(["dvc", "--check"]) == 0
 
 
@@ -211,10 +213,10 @@ def test_golden_keys(tmp_path, monkeypatch):
         "train": "7f609a0ecc18a9d4c9032d469b5a01e0",
         "merge": "88165196b044d466a14c8e0e57b29c72",
         "gguf": "15d9c92539adfece0c5c5fdcb960f168",
-        "eval@base": "80ae5650f438cd90ab707b313e50b84d",
-        "eval@f16": "bb9c4b4e322d75faea528b7c102edec4",
+        "eval@base": "b5863b7c53abffb76ae00c6af26d2f6a",
+        "eval@f16": "30af8b94330cc7b28c3e4822f79f3b34",
         "quantize@q8_0": "2c36477c0c8d05f4f1255357b5361825",
-        "eval@q8_0": "95297e9f24683d99bb4a9a7d51dd724d",
+        "eval@q8_0": "aaf8159034ed71653b95446668a8b56d",
     }
 
 

@@ -145,3 +145,20 @@ def test_png_without_histogram_has_only_the_shares_panel(tmp_path):
     write_mixture_png(old, path)
     assert png_size(path.read_bytes()) == (800, 300)
     assert Path(path).read_bytes().endswith(b"IEND\xaeB`\x82")
+
+
+def test_eval_plot_has_a_panel_per_metric_every_type_has(tmp_path):
+    from PIL import Image
+
+    from builder.report import eval_panels, write_eval_png
+
+    metrics = {"base": {"perplexity": 800.0, "checks": {"stop_rate": 0.3}, "tasks": {"mc": {"acc": 0.25}}},
+               "f16": {"perplexity": 760.0, "checks": {"stop_rate": 0.6}, "tasks": {"mc": {"acc": 0.3}}},
+               "q8_0": {"perplexity": 761.0, "checks": {"stop_rate": 0.6}}}
+    panels = eval_panels(metrics)
+    assert [title for title, _ in panels] == ["perplexity (assistant tokens)", "stop rate"]  # q8_0 ran no task
+    assert panels[1][1] == {"base": 0.3, "f16": 0.6, "q8_0": 0.6}
+    write_eval_png(metrics, tmp_path / "a.png")
+    write_eval_png(metrics, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert Image.open(tmp_path / "a.png").size[1] == 2 * 300

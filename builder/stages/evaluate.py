@@ -52,7 +52,7 @@ def _token_text(llm, token_id: int) -> str:
     return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
 
 
-def _format_chat(llm, template: str, messages: list[dict], add_generation_prompt: bool,
+def format_chat(llm, template: str, messages: list[dict], add_generation_prompt: bool,
                  edit=None) -> tuple[str, list[int]]:  # noqa: ANN001
     """What llama-cpp-python's chat handler feeds the model: the GGUF template rendered by its Jinja
     formatter, tokenized with special tokens and no extra BOS (the formatter owns BOS)."""
@@ -84,7 +84,7 @@ def template_round_trip(llm, template: str, row: dict) -> dict:
         return append_eos(rendered, eos).text if rendered.text == text else text
 
     edit = appended if _policy(llm) == "append_eos" and eos else None
-    _, tokens = _format_chat(llm, stored, row["messages"], add_generation_prompt=False, edit=edit)
+    _, tokens = format_chat(llm, stored, row["messages"], add_generation_prompt=False, edit=edit)
     return {"template_equal": stored == template, "tokens_equal": tokens == list(row["input_ids"])}
 
 
@@ -95,7 +95,7 @@ def template_checks(llm, template: str, row: dict, merged_template: str | None) 
     stored = llm.metadata.get("tokenizer.chat_template") or ""
     messages = row["messages"]
     last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    text, prompt = _format_chat(llm, stored, messages[:last_answer], add_generation_prompt=True)
+    text, prompt = format_chat(llm, stored, messages[:last_answer], add_generation_prompt=True)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
     stops = [llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
@@ -115,16 +115,21 @@ def template_checks(llm, template: str, row: dict, merged_template: str | None) 
 BASE_GGUF_VERSION = 1  # bump when the base GGUF's bytes change on purpose
 
 
+def base_gguf_key(ctx: StageContext, dtype: str) -> str:
+    from builder.hashing import hash_value
+    from builder.versions import library_version
+
+    return hash_value({"base": ctx.plan["base"].key, "dtype": dtype, "version": BASE_GGUF_VERSION,
+                       "llama_cpp_python": library_version("llama_cpp_python")})
+
+
 def base_gguf(ctx: StageContext, dtype: str) -> Path:
     """The base model as a GGUF file, converted by the same converter as the tuned model and kept
     in the store under the base key: every recipe on that base shares one file."""
     from builder.cache import StageStore
-    from builder.hashing import hash_value
     from builder.stages.gguf import convert_model
-    from builder.versions import library_version
 
-    key = hash_value({"base": ctx.plan["base"].key, "dtype": dtype, "version": BASE_GGUF_VERSION,
-                      "llama_cpp_python": library_version("llama_cpp_python")})
+    key = base_gguf_key(ctx, dtype)
     store = StageStore(ctx.project.cache_dir, "base-gguf")
     entry = store.verified(key)
     if entry is None:
@@ -139,61 +144,136 @@ def base_gguf(ctx: StageContext, dtype: str) -> Path:
     return entry / gguf_name(dtype)
 
 
-def base_generation(llm, template: str, policy: str, messages: list[dict]) -> tuple[str, int]:  # noqa: ANN001
-    """(text, tokens) of the base model prompted exactly as the tuned ones are (the recipe's template,
-    rendered by llama-cpp-python's Jinja formatter), greedy, stopping at the template's end-of-turn text."""
-    _, prompt = _format_chat(llm, template, messages, add_generation_prompt=True)
-    bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
-    out = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0,
-                                stop=stop_texts(template, policy, bos_token=bos, eos_token=eos) or None)
-    return out["choices"][0]["text"], out["usage"]["completion_tokens"]
+def answer(llm, base: bool, template: str, policy: str, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
+    """A greedy answer: {text, tokens, stopped (ended at the end-of-turn marker, not at max_tokens)}.
+    A tuned GGUF chats with its own template; the base model is prompted exactly as the tuned
+    files are (the recipe's template, rendered by llama-cpp-python's Jinja formatter), stopping at
+    the template's end-of-turn text."""
+    llm.reset()
+    if base:
+        _, prompt = format_chat(llm, template, messages, add_generation_prompt=True)
+        bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=0,
+                                    stop=stop_texts(template, policy, bos_token=bos, eos_token=eos) or None)
+        text = out["choices"][0]["text"]
+    else:
+        out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, seed=0)
+        text = out["choices"][0]["message"]["content"] or ""
+    return {"text": text, "tokens": out["usage"]["completion_tokens"], "stopped": out["choices"][0]["finish_reason"] == "stop"}
+
+
+def cached_answer(cache, llm, base: bool, template: str, policy: str, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
+    request = {"messages": messages, "max_tokens": max_tokens, "policy": policy}
+    found = cache.get("answer", request)
+    if found is None:
+        found = answer(llm, base, template, policy, messages, max_tokens)
+        cache.put("answer", request, found)
+    return found
+
+
+def with_system(system_prompt: str | None, messages: list[dict]) -> list[dict]:
+    """Messages as training saw them: the recipe's system prompt first where none is given."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str, rows: list[dict]) -> dict:  # noqa: ANN001
+    """The verifiable checks on evaluate.prompts, and the stop rate and answer lengths on the eval
+    split's prompts (each conversation up to its last user turn)."""
+    import statistics
+
+    from builder.ifeval import read_prompts, score, verdicts
+
+    spec, recipe = ctx.recipe.evaluate, ctx.recipe
+    policy = recipe.no_end_of_turn
+    started = time.perf_counter()
+    out: dict = {}
+    items = 0
+    if spec.prompts:
+        prompts = read_prompts(ctx.project.root / spec.prompts, spec.prompts)
+        answers = [cached_answer(cache, llm, base, template, policy,
+                                 with_system(recipe.system_prompt, [{"role": "user", "content": p.prompt}]),
+                                 spec.max_tokens) for p in prompts]
+        out.update(score(prompts, [(a["text"], a["stopped"]) for a in answers]))
+        with open(ctx.out_dir / "answers.jsonl", "w", encoding="utf-8") as f:
+            for p, a in zip(prompts, answers):
+                checks = [{"check": name, "strict": strict, "loose": loose}
+                          for name, strict, loose in verdicts(p, a["text"], a["stopped"])]
+                f.write(json.dumps({"prompt": p.prompt, **a, "checks": checks}, sort_keys=True, ensure_ascii=False) + "\n")
+        items += len(prompts)
+    held = []
+    for row in rows[:spec.stop_examples]:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        held.append(cached_answer(cache, llm, base, template, policy, row["messages"][:last], spec.max_tokens))
+    if held:
+        lengths = [a["tokens"] for a in held]
+        out.update({"stop_rate": round(sum(a["stopped"] for a in held) / len(held), 4), "stop_prompts": len(held),
+                    "answer_tokens_mean": round(statistics.mean(lengths), 2),
+                    "answer_tokens_median": statistics.median(lengths), "answer_tokens_max": max(lengths)})
+        items += len(held)
+    seconds = time.perf_counter() - started
+    out["items_per_second"] = round(items / seconds, 2) if seconds and cache.misses else None
+    return out
 
 
 def run(ctx: StageContext) -> dict:
     import llama_cpp
     import pyarrow.parquet as pq
 
+    from builder.lmeval import ItemCache, run_tasks
+
     quant = ctx.stage.param
-    if quant == "base":
+    base = quant == "base"
+    if base:
         path = base_gguf(ctx, ctx.stage.inputs["recipe"]["dtype"])
+        model_key = base_gguf_key(ctx, ctx.stage.inputs["recipe"]["dtype"])
     else:
         producer = f"quantize@{quant}" if f"quantize@{quant}" in ctx.stage.upstream else "gguf"
         path = ctx.input_dir(producer) / gguf_name(quant)
-    rows = pq.read_table(ctx.input_dir("dataset") / "eval.parquet").to_pylist()[:EVAL_EXAMPLES]
-    if not rows:  # a recipe with eval_fraction 0: measure on training examples instead
-        rows = pq.read_table(ctx.input_dir("dataset") / "train.parquet").to_pylist()[:EVAL_EXAMPLES]
+        model_key = ctx.plan[producer].key
+    eval_rows = pq.read_table(ctx.input_dir("dataset") / "eval.parquet").to_pylist()
+    if not eval_rows:  # a recipe with eval_fraction 0: measure on training examples instead
+        eval_rows = pq.read_table(ctx.input_dir("dataset") / "train.parquet").to_pylist()[:max(
+            EVAL_EXAMPLES, ctx.recipe.evaluate.stop_examples if ctx.recipe.evaluate else 0)]
+    rows = eval_rows[:EVAL_EXAMPLES]
     template = read_template(ctx.recipe.template, ctx.project.root, ctx.input_dir("base"))
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx.recipe.train.max_length + MAX_NEW_TOKENS,
-                          logits_all=True, seed=0, n_threads=os.cpu_count() or 1, verbose=False)
+    spec = ctx.recipe.evaluate
+    n_ctx = ctx.recipe.train.max_length + max(MAX_NEW_TOKENS, spec.max_tokens if spec else 0)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=0,
+                          n_threads=os.cpu_count() or 1, verbose=False)
+    cache = ItemCache(ctx.project.cache_dir / "eval-items.sqlite", model_key)
     try:
         ppl, scored = perplexity(llm, rows)
-        prompt = rows[0]["messages"][:-1]  # up to the last user turn
-        llm.reset()
         started = time.time()
+        first = answer(llm, base, template, ctx.recipe.no_end_of_turn, rows[0]["messages"][:-1], MAX_NEW_TOKENS)
+        seconds = time.time() - started
         round_trip = checks = None
-        if quant == "base":  # its GGUF holds the base tokenizer's template (or none): prompt it as the tuned files
-            generation, generated = base_generation(llm, template, ctx.recipe.no_end_of_turn, prompt)
-            seconds = time.time() - started
-        else:
-            reply = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0)
-            seconds = time.time() - started
-            generation, generated = reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"]
+        if not base:  # the base GGUF holds the base tokenizer's template (or none)
             round_trip = template_round_trip(llm, template, rows[0])
             checks = template_checks(llm, template, rows[0], saved_chat_template(ctx.input_dir("merge")))
+        instructions = tasks = None
+        if spec is not None:
+            instructions = instruction_checks(ctx, llm, cache, base, template, eval_rows)
+            tasks = run_tasks(spec, llm, cache, ctx.project.root) if spec.tasks else None
     finally:
         llm.close()
+        cache.close()
     metrics = {
         "quant": quant,
         "file_bytes": path.stat().st_size,
         "perplexity": round(ppl, 4) if ppl is not None else None,
         "perplexity_tokens": scored,
         "eval_examples": len(rows),
-        "generated_tokens": generated,
-        "generation": generation,
-        "generation_tokens_per_second": round(generated / seconds, 1) if seconds else None,
+        "generated_tokens": first["tokens"],
+        "generation": first["text"],
+        "generation_tokens_per_second": round(first["tokens"] / seconds, 1) if seconds else None,
         "template_roundtrip": round_trip,
         "template_checks": checks,
+        **({"checks": instructions} if instructions is not None else {}),
+        **({"tasks": tasks} if tasks is not None else {}),
     }
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    return {k: metrics[k] for k in ("perplexity", "file_bytes", "generated_tokens", "template_roundtrip",
-                                    "template_checks")}
+    summary = {k: metrics[k] for k in ("perplexity", "file_bytes", "generated_tokens", "template_roundtrip",
+                                       "template_checks")}
+    return {**summary, "item_cache": {"hits": cache.hits, "computed": cache.misses}}
