@@ -26,11 +26,15 @@ from builder.hashing import hash_value
 
 
 class ItemCache:
-    """Results by (model key, kind, request): one SQLite file, committed after every item."""
+    """Results by (model key, kind, request): one SQLite file, committed after every item; safe to
+    share between the threads of a concurrent client."""
 
     def __init__(self, path: Path, model_key: str):
+        import threading
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=60)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
         # WAL without a sync per commit: a crash keeps every committed item, at no fsync per item.
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -41,17 +45,19 @@ class ItemCache:
         return hash_value({"model": self.model_key, "kind": kind, "request": request})
 
     def get(self, kind: str, request: object):  # noqa: ANN201
-        row = self.db.execute("SELECT value FROM items WHERE key = ?", (self._key(kind, request),)).fetchone()
-        if row is None:
-            self.misses += 1
-            return None
-        self.hits += 1
+        with self.lock:
+            row = self.db.execute("SELECT value FROM items WHERE key = ?", (self._key(kind, request),)).fetchone()
+            if row is None:
+                self.misses += 1
+                return None
+            self.hits += 1
         return json.loads(row[0])
 
     def put(self, kind: str, request: object, value: object) -> None:
-        self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?)",
-                        (self._key(kind, request), json.dumps(value, sort_keys=True)))
-        self.db.commit()
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?)",
+                            (self._key(kind, request), json.dumps(value, sort_keys=True)))
+            self.db.commit()
 
     def close(self) -> None:
         self.db.close()
@@ -63,6 +69,60 @@ def log_softmax_rows(logits):  # noqa: ANN001, ANN201
     logits = np.asarray(logits, dtype=np.float64)
     peak = logits.max(axis=1, keepdims=True)
     return logits - (np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)) + peak)
+
+
+class BatchScorer:
+    """Scores several token sequences per llama_decode: a second context on the same loaded model,
+    each sequence its own seq_id in one unified KV cache, logits for every token. Sequences are
+    packed into batches of at most `capacity` tokens and MAX_SEQUENCES sequences."""
+
+    MAX_SEQUENCES = 16
+    LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits per batch
+
+    def __init__(self, llm):  # noqa: ANN001
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.vocab = llm.n_vocab()
+        budget = min(4096, llm._model.n_ctx_train(), self.LOGITS_BUDGET // (4 * self.vocab))
+        self.capacity = max(llm.n_ctx(), budget)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = self.capacity
+        params.n_seq_max = self.MAX_SEQUENCES
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.batch = _internals.LlamaBatch(n_tokens=self.capacity, embd=0, n_seq_max=self.MAX_SEQUENCES, verbose=False)
+
+    def score(self, requests: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """(log-probability of tokens[first:] given the tokens before, greedy?) for each (tokens, first)."""
+        import numpy as np
+
+        results: list = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda k: -len(requests[k][0]))  # longest first: tight batches
+        while order:
+            picked, used = [], 0
+            while order and len(picked) < self.MAX_SEQUENCES and used + len(requests[order[0]][0]) - 1 <= self.capacity:
+                used += len(requests[order[0]][0]) - 1
+                picked.append(order.pop(0))
+            self.batch.reset()
+            for seq, k in enumerate(picked):
+                self.batch.add_sequence(requests[k][0][:-1], seq, logits_all=True)
+            self.ctx.kv_cache_clear()
+            self.ctx.decode(self.batch)
+            logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(used, self.vocab))
+            start = 0
+            for k in picked:
+                tokens, first = requests[k]
+                rows = log_softmax_rows(logits[start + first - 1:start + len(tokens) - 1])
+                targets = np.asarray(tokens[first:])
+                results[k] = (float(rows[np.arange(len(targets)), targets].sum()), bool((rows.argmax(axis=1) == targets).all()))
+                start += len(tokens) - 1
+        return results
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
 
 
 def make_adapter(llm, cache: ItemCache):  # noqa: ANN001, ANN201
@@ -100,47 +160,46 @@ def make_adapter(llm, cache: ItemCache):  # noqa: ANN001, ANN201
             add = add_special_tokens if add_special_tokens is not None else not (bos and string.startswith(bos))
             return self.llm.tokenize(string.encode("utf-8"), add_bos=add, special=True)
 
-        def _score(self, tokens: list[int], first: int) -> tuple[float, bool]:
-            """Log-probability of tokens[first:] given what precedes them, and whether greedy."""
-            self.llm.reset()
-            self.llm.eval(tokens[:-1])
-            logp = log_softmax_rows(self.llm.scores[first - 1:len(tokens) - 1])
-            targets = tokens[first:]
-            chosen = logp[range(len(targets)), targets]
-            return float(chosen.sum()), bool((logp.argmax(axis=1) == targets).all())
+        def _scored(self, requests: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+            """Each (tokens, first) from the item cache, the rest scored in batches (then cached)."""
+            keys = [{"tokens": list(tokens), "first": first} for tokens, first in requests]
+            found = [self.cache.get("loglikelihood", key) for key in keys]
+            todo = [k for k, f in enumerate(found) if f is None]
+            unique = {json.dumps(keys[k], sort_keys=True): keys[k] for k in todo}  # repeats are scored once
+            if unique:
+                scorer = BatchScorer(self.llm)
+                try:
+                    scores = scorer.score([(key["tokens"], key["first"]) for key in unique.values()])
+                finally:
+                    scorer.close()
+                by_request = dict(zip(unique, scores))
+                for k in todo:
+                    found[k] = list(by_request[json.dumps(keys[k], sort_keys=True)])
+                for text, key in unique.items():
+                    self.cache.put("loglikelihood", key, list(by_request[text]))
+            return [(float(f[0]), bool(f[1])) for f in found]
 
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:  # noqa: ANN001
             return super().loglikelihood(requests, disable_tqdm=True)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:  # noqa: ANN001, ANN003
-            out = []
+            wanted = []
             for _, context, continuation in requests:
                 whole = (context + continuation)[-(self.max_length + 1):]
-                request = {"tokens": whole, "first": len(whole) - len(continuation)}
-                result = self.cache.get("loglikelihood", request)
-                if result is None:
-                    result = self._score(whole, request["first"])
-                    self.cache.put("loglikelihood", request, result)
-                out.append((result[0], bool(result[1])))
-            return out
+                wanted.append((whole, max(1, len(whole) - len(continuation))))
+            return self._scored(wanted)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:  # noqa: ANN001
-            out = []
-            for (text,) in [r.args for r in requests]:
-                total = 0.0
-                windows = map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length - 1, context_len=1))
-                for context, predicted in windows:
-                    whole = context + predicted
-                    request = {"tokens": whole, "first": len(context)}
-                    result = self.cache.get("loglikelihood", request)
-                    if result is None:
-                        result = self._score(whole, len(context))
-                        self.cache.put("loglikelihood", request, result)
-                    total += result[0]
-                out.append(total)
-            return out
+            windows = []  # (request index, tokens, first)
+            for k, (text,) in enumerate(r.args for r in requests):
+                for context, predicted in map(make_disjoint_window, get_rolling_token_windows(
+                        token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length - 1, context_len=1)):
+                    windows.append((k, context + predicted, len(context)))
+            totals = [0.0] * len(requests)
+            for (k, _, _), (logprob, _) in zip(windows, self._scored([(w[1], w[2]) for w in windows])):
+                totals[k] += logprob
+            return totals
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:  # noqa: ANN001
             out = []

@@ -94,7 +94,12 @@ def _evaluation_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
     spec = recipe.evaluate
     files = [root / spec.prompts] if spec.prompts else []
     files += task_files(list(spec.tasks), root)
-    return {"evaluate": recipe.slice("evaluate")["evaluate"],
+    if spec.judge is not None and spec.judge.gguf:
+        files.append(root / spec.judge.gguf)
+    section = recipe.slice("evaluate")["evaluate"]
+    if section.get("judge") and section["judge"].get("openai"):  # where it is served changes no verdict
+        section["judge"]["openai"].pop("base_url")
+    return {"evaluate": section,
             "evaluate_files": {project_path(f, root): stat.digest(f) for f in files if f.is_file()},
             **({"lm_eval": library_version("lm_eval")} if spec.tasks else {})}
 
@@ -147,13 +152,15 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
             stages += [gguf, _stage(recipe, "eval@base", [base, dataset],
                                     {"type": "base", "dtype": recipe.export.gguf.dtype},
                                     {"template": template, **evaluation})]
+            # A judge compares each tuned file's answers with the base model's: those evals read eval@base.
+            versus = [stages[-1]] if recipe.evaluate is not None and recipe.evaluate.judge is not None else []
             if recipe.export.gguf.dtype not in recipe.export.gguf.quantize:
                 # The unquantized GGUF is measured too: the baseline of the quantization matrix.
-                stages.append(_stage(recipe, f"eval@{recipe.export.gguf.dtype}", [gguf, dataset],
+                stages.append(_stage(recipe, f"eval@{recipe.export.gguf.dtype}", [gguf, dataset, *versus],
                                      {"type": recipe.export.gguf.dtype}, evaluation))
             for quant in recipe.export.gguf.quantize:
                 quantize = _stage(recipe, f"quantize@{quant}", [gguf], {"type": quant}, {})
-                evaluate = _stage(recipe, f"eval@{quant}", [quantize, dataset], {"type": quant}, evaluation)
+                evaluate = _stage(recipe, f"eval@{quant}", [quantize, dataset, *versus], {"type": quant}, evaluation)
                 stages += [quantize, evaluate]
     if own_cache:
         stat.save()

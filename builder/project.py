@@ -36,6 +36,17 @@ class Launch(BaseModel):
         return self.num_processes > 1 or self.config_file is not None
 
 
+class Endpoints(BaseModel):
+    """How tunefile talks to OpenAI-compatible servers (the eval judge): machine settings, so
+    they live in params.yaml, not in a recipe or a key."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_key_env: Optional[str] = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name
+    concurrency: int = Field(default=4, gt=0, le=256)
+    timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=20)
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,6 +56,7 @@ class Params(BaseModel):
     checkpoint_steps: int = Field(default=50, gt=0)  # train checkpoints (for resuming) every N steps
     workers: Optional[int] = Field(default=None, gt=0)  # dataset tokenizing processes (None: every core)
     launch: Launch = Launch()
+    endpoints: Endpoints = Endpoints()
 
     @property
     def dataset_workers(self) -> int:

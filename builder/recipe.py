@@ -206,6 +206,23 @@ class ExportSpec(Strict):
         return self
 
 
+class OpenAIEndpoint(Strict):
+    base_url: str = Field(pattern=r"^https?://")  # not part of any key: the same model served elsewhere
+    model: str = Field(min_length=1)
+    revision: Optional[str] = None  # pin what the name serves (part of the key)
+
+
+class JudgeSpec(Strict):
+    gguf: Optional[str] = None  # a judge GGUF file run in process
+    openai: Optional[OpenAIEndpoint] = None  # or an OpenAI-compatible chat endpoint
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> "JudgeSpec":
+        if (self.gguf is None) == (self.openai is None):
+            raise ValueError("evaluate.judge takes exactly one of gguf: PATH or openai: {base_url, model}")
+        return self
+
+
 class EvaluateSpec(Strict):
     # Held-out instruction prompts with verifiable constraints (builder/ifeval.py), answered
     # greedily by the base model and every GGUF file.
@@ -218,6 +235,8 @@ class EvaluateSpec(Strict):
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     limit: Optional[int] = Field(default=None, ge=1)  # items per task
     chat_template: bool = False  # render task prompts with the GGUF's own chat template
+    # Pairwise judge of each tuned file's answers against the base model's, both orders.
+    judge: Optional[JudgeSpec] = None
 
 
 class Recipe(Strict):

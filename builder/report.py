@@ -323,8 +323,9 @@ def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
                      f"{train.get('eval_loss')}, {train.get('tokens_per_second')} tokens/s on {train.get('device')} "
                      f"({train.get('precision', '-')}), padding {_percent(train.get('padding_fraction'))}")
     tasks = sorted({t for m in evals.values() for t in (m.get("tasks") or {})})
+    judged = any(m.get("judge") for m in evals.values())
     header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "stop rate", "IF strict", *(f"{t} acc" for t in tasks),
-              "gen tok/s", "template")
+              *(("judge win vs base",) if judged else ()), "gen tok/s", "template")
     rows = []
     first = next((m.get("perplexity") for n, m in evals.items() if n != "base" and m.get("perplexity")), None)
     for name, metrics in evals.items():
@@ -340,6 +341,7 @@ def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
                      MISSING if not (ppl and first) or name == "base" else f"{ppl / first:.4f}x",
                      _with_delta(instructions.get("stop_rate"), versus.get("stop_rate_delta")),
                      _with_delta(instructions.get("prompt_strict"), versus.get("prompt_strict_delta")), *scores,
+                     *((_win(metrics.get("judge")),) if judged else ()),
                      str(metrics.get("generation_tokens_per_second", MISSING)),
                      "ok" if checks and all(checks.values()) else
                      "FAILED: " + ", ".join(k for k, v in sorted(checks.items()) if not v) if checks else MISSING))
@@ -348,6 +350,14 @@ def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
         lines.append("  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _win(judge: dict | None) -> str:
+    """0.625 [0.500, 0.750]: the judge's win rate of the tuned answers and its 95% interval."""
+    if not judge or judge.get("win_rate") is None:
+        return MISSING
+    low, high = judge["win_rate_ci95"]
+    return f"{judge['win_rate']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _with_delta(value: float | None, delta: float | None) -> str:

@@ -1,6 +1,7 @@
 """Shared fixtures: the repo root, a tiny tokenizer built in-process, and throwaway projects."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,51 @@ def make_project(root: Path, recipe_text: str | None = None, name: str = "defaul
 
 
 def small_recipe(size: int = 240) -> str:
-    """The default recipe with a smaller mixture, so end-to-end builds take seconds."""
+    """The default recipe with a smaller mixture and eval, so end-to-end builds take seconds."""
     text = (REPO / "recipes" / "default.yaml").read_text()
-    assert "size: 2000 " in text
-    return text.replace("size: 2000 ", f"size: {size} ")
+    assert "size: 2000 " in text and "stop_examples: 16 " in text and "max_tokens: 64\n" in text
+    # Shorter answers and fewer stop-rate prompts: every rebuild of the eval stage answers them anew.
+    return (text.replace("size: 2000 ", f"size: {size} ").replace("stop_examples: 16 ", "stop_examples: 6 ")
+            .replace("max_tokens: 64\n", "max_tokens: 32\n"))
+
+
+class CannedChat:
+    """An OpenAI-compatible /v1/chat/completions server on 127.0.0.1, written for the tests: it
+    answers with reply(prompt) and records every request (path, headers, body)."""
+
+    def __init__(self, reply, fail_first: int = 0):  # noqa: ANN001
+        import http.server
+        import threading
+
+        canned = self
+        self.requests, self.fail_first = [], fail_first
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                canned.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if canned.fail_first > 0:
+                    canned.fail_first -= 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                text = reply(body["messages"][-1]["content"])
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
+                                                "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # noqa: ANN002
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -149,13 +149,15 @@ def test_eval_measures_checks_and_tasks_tuned_vs_base(repo):
         checks = m["checks"]
         assert checks["prompts"] == 12 and 0 <= checks["prompt_strict"] <= checks["prompt_loose"] <= 1
         assert set(checks["per_check"]) >= {"json", "bullets", "words", "sentences", "include", "stops"}
-        assert checks["stop_prompts"] > 0 and 0 <= checks["stop_rate"] <= 1 and checks["answer_tokens_max"] <= 64
+        assert checks["stop_prompts"] > 0 and 0 <= checks["stop_rate"] <= 1 and checks["answer_tokens_max"] <= 32
         assert m["tasks"]["tunefile_demo_mc"]["samples"] == 40 and 0 <= m["tasks"]["tunefile_demo_mc"]["acc"] <= 1
         if quant != "base":
             assert m["vs_base"]["stop_rate_base"] == metrics["base"]["checks"]["stop_rate"]
             assert "acc_delta" in m["vs_base"]["tasks"]["tunefile_demo_mc"]
-        answers = (repo / "build/default/eval" / quant / "answers.jsonl").read_text().splitlines()
-        assert len(answers) == 12 and all(json.loads(a)["checks"][-1]["check"] == "stops" for a in answers)
+        answers = [json.loads(a) for a in (repo / "build/default/eval" / quant / "answers.jsonl").read_text().splitlines()]
+        prompts = [a for a in answers if a["kind"] == "prompt"]
+        assert len(prompts) == 12 and all(a["checks"][-1]["check"] == "stops" for a in prompts)
+        assert len(answers) - len(prompts) == checks["stop_prompts"]
     shown = sh(repo, "dvc", "metrics", "show")
     assert "base.checks.stop_rate" in shown and "f16.checks.stop_rate" in shown
     assert "f16.tasks.tunefile_demo_mc.acc" in shown
@@ -466,3 +468,49 @@ def test_adding_a_task_computes_only_its_items(repo):
     recipe.write_text(original)
     sh(repo, "dvc", "repro")
     assert "tunefile_demo_mc_q" not in (repo / "build/default/eval/metrics.json").read_text()
+
+
+def test_a_served_judge_compares_tuned_with_base_and_its_url_and_key_stay_out(repo, monkeypatch):
+    """evaluate.judge.openai against an OpenAI-compatible server on 127.0.0.1: both orders, a win
+    rate with its interval, saved verdicts; the API key comes from the variable params.yaml names
+    and is in no file; moving the server (a new base_url) reruns nothing."""
+    from conftest import CannedChat
+
+    def prefer_stopping(prompt: str) -> str:  # the shorter answer wins; equal lengths tie
+        a = prompt.split("[The Start of Assistant A's Answer]")[1].split("[The End")[0]
+        b = prompt.split("[The Start of Assistant B's Answer]")[1].split("[The End")[0]
+        return "[[C]]" if len(a) == len(b) else "[[A]]" if len(a) < len(b) else "[[B]]"
+
+    servers = [CannedChat(prefer_stopping), CannedChat(prefer_stopping)]
+    secret = "sk-tunefile-test-4b1d"
+    monkeypatch.setenv("TUNEFILE_TEST_JUDGE_KEY", secret)
+    params = (repo / "params.yaml").read_text()
+    try:
+        (repo / "params.yaml").write_text(params + "endpoints: {api_key_env: TUNEFILE_TEST_JUDGE_KEY, concurrency: 2}\n")
+        recipe = repo / "recipes" / "default.yaml"
+        recipe.write_text(recipe.read_text() + f"  judge: {{openai: {{base_url: '{servers[0].url}', model: canned}}}}\n")
+        output = sh(repo, "dvc", "repro")
+        assert ran(output) == ["resolve", "default-eval"]
+        metrics = json.loads((repo / "build/default/eval/metrics.json").read_text())
+        assert "judge" not in metrics["base"]
+        for quant in ("f16", "q8_0", "q4_k_m"):
+            judge = metrics[quant]["judge"]
+            assert judge["judge"] == "openai:canned" and judge["pairs"] == 12 + metrics[quant]["checks"]["stop_prompts"]
+            assert judge["wins"] + judge["ties"] + judge["losses"] == judge["pairs"] and judge["invalid"] == 0
+            assert judge["win_rate_ci95"][0] <= judge["win_rate"] <= judge["win_rate_ci95"][1]
+            records = (repo / "build/default/eval" / quant / "judge.jsonl").read_text().splitlines()
+            assert len(records) == judge["pairs"] and all(len(json.loads(r)["orders"]) == 2 for r in records)
+        sent = len(servers[0].requests)
+        assert all(r["headers"]["Authorization"] == f"Bearer {secret}" for r in servers[0].requests)
+        assert sent <= 2 * 3 * metrics["f16"]["judge"]["pairs"]  # equal pairs are judged once for all files
+        for path in [*(repo / "build").rglob("*"), *(repo / ".tunefile").rglob("*.json"), repo / "dvc.lock"]:
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+        assert "judge win vs base" in sh(repo, "tunefile", "report", "default")
+        recipe.write_text(recipe.read_text().replace(servers[0].url, servers[1].url))
+        assert ran(sh(repo, "dvc", "repro")) == ["resolve"]  # where the judge is served is not in the key
+        assert len(servers[1].requests) == 0
+    finally:
+        (repo / "params.yaml").write_text(params)
+        for server in servers:
+            server.close()

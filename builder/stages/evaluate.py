@@ -20,6 +20,7 @@ from pathlib import Path
 
 from builder import __version__
 
+from builder.errors import StageError
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
 from builder.templates import append_eos, read_template, render_chat, saved_chat_template, stop_texts
@@ -178,9 +179,9 @@ def with_system(system_prompt: str | None, messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str, rows: list[dict]) -> dict:  # noqa: ANN001
+def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str, rows: list[dict]) -> tuple[dict, list[dict]]:  # noqa: ANN001
     """The verifiable checks on evaluate.prompts, and the stop rate and answer lengths on the eval
-    split's prompts (each conversation up to its last user turn)."""
+    split's prompts (each conversation up to its last user turn); and every answer, as a record."""
     import statistics
 
     from builder.ifeval import read_prompts, score, verdicts
@@ -189,32 +190,72 @@ def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str,
     policy = recipe.no_end_of_turn
     started = time.perf_counter()
     out: dict = {}
-    items = 0
+    records = []
     if spec.prompts:
         prompts = read_prompts(ctx.project.root / spec.prompts, spec.prompts)
         answers = [cached_answer(cache, llm, base, template, policy,
                                  with_system(recipe.system_prompt, [{"role": "user", "content": p.prompt}]),
                                  spec.max_tokens) for p in prompts]
         out.update(score(prompts, [(a["text"], a["stopped"]) for a in answers]))
-        with open(ctx.out_dir / "answers.jsonl", "w", encoding="utf-8") as f:
-            for p, a in zip(prompts, answers):
-                checks = [{"check": name, "strict": strict, "loose": loose}
-                          for name, strict, loose in verdicts(p, a["text"], a["stopped"])]
-                f.write(json.dumps({"prompt": p.prompt, **a, "checks": checks}, sort_keys=True, ensure_ascii=False) + "\n")
-        items += len(prompts)
+        records += [{"kind": "prompt", "prompt": p.prompt, **a,
+                     "checks": [{"check": name, "strict": strict, "loose": loose}
+                                for name, strict, loose in verdicts(p, a["text"], a["stopped"])]}
+                    for p, a in zip(prompts, answers)]
     held = []
     for row in rows[:spec.stop_examples]:
         last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
         held.append(cached_answer(cache, llm, base, template, policy, row["messages"][:last], spec.max_tokens))
+        records.append({"kind": "eval_split", "prompt": row["messages"][last - 1]["content"], **held[-1]})
     if held:
         lengths = [a["tokens"] for a in held]
         out.update({"stop_rate": round(sum(a["stopped"] for a in held) / len(held), 4), "stop_prompts": len(held),
                     "answer_tokens_mean": round(statistics.mean(lengths), 2),
                     "answer_tokens_median": statistics.median(lengths), "answer_tokens_max": max(lengths)})
-        items += len(held)
     seconds = time.perf_counter() - started
-    out["items_per_second"] = round(items / seconds, 2) if seconds and cache.misses else None
-    return out
+    out["items_per_second"] = round(len(records) / seconds, 2) if seconds and cache.misses else None
+    return out, records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+
+
+def run_judge(ctx: StageContext, records: list[dict]) -> tuple[dict, dict]:
+    """The pairwise judge of this file's answers against the base model's (eval@base's answers.jsonl):
+    metrics, the verdict cache's counts, and judge.jsonl with every judge prompt and raw reply.
+    Verdicts are cached by judge and judge prompt (the question and both answers), whichever file
+    gave the answers."""
+    from builder.hashing import hash_file
+    from builder.judge import GgufJudge, OpenAIJudge, Pair, judge_pairs
+    from builder.lmeval import ItemCache
+
+    spec, endpoints = ctx.recipe.evaluate.judge, ctx.project.params.endpoints
+    base_file = ctx.input_dir("eval@base") / "answers.jsonl"
+    base_records = [json.loads(line) for line in base_file.read_text(encoding="utf-8").splitlines()] if base_file.is_file() else []
+    pairs = [Pair(t["prompt"], t["text"], b["text"]) for t, b in zip(records, base_records) if t["prompt"] == b["prompt"]]
+    if spec.gguf:
+        path = ctx.project.root / spec.gguf
+        if not path.is_file():
+            raise StageError(f"evaluate.judge.gguf: {spec.gguf} is not a file")
+        identity, judge, concurrency = f"gguf:{hash_file(path)}", GgufJudge(path), 1
+    else:
+        key = os.environ.get(endpoints.api_key_env) if endpoints.api_key_env else None
+        if endpoints.api_key_env and not key:
+            raise StageError(f"evaluate.judge: params.yaml endpoints.api_key_env names {endpoints.api_key_env}, "
+                             "which is not set in the environment")
+        served = spec.openai
+        identity = f"openai:{served.model}" + (f"@{served.revision}" if served.revision else "")
+        judge = OpenAIJudge(served.base_url, served.model, key, endpoints.timeout_s, endpoints.retries)
+        concurrency = endpoints.concurrency
+    cache = ItemCache(ctx.project.cache_dir / "eval-items.sqlite", identity)
+    try:
+        metrics, judged = judge_pairs(judge, identity, pairs, cache, concurrency)
+    finally:
+        judge.close()
+        cache.close()
+    write_jsonl(ctx.out_dir / "judge.jsonl", judged)
+    return metrics, {"hits": cache.hits, "computed": cache.misses}
 
 
 def run(ctx: StageContext) -> dict:
@@ -252,13 +293,22 @@ def run(ctx: StageContext) -> dict:
         if not base:  # the base GGUF holds the base tokenizer's template (or none)
             round_trip = template_round_trip(llm, template, rows[0])
             checks = template_checks(llm, template, rows[0], saved_chat_template(ctx.input_dir("merge")))
-        instructions = tasks = None
+        instructions = tasks = judged = None
+        speed: dict = {}
         if spec is not None:
-            instructions = instruction_checks(ctx, llm, cache, base, template, eval_rows)
-            tasks = run_tasks(spec, llm, cache, ctx.project.root) if spec.tasks else None
+            instructions, answers = instruction_checks(ctx, llm, cache, base, template, eval_rows)
+            write_jsonl(ctx.out_dir / "answers.jsonl", answers)
+            if spec.tasks:
+                started, computed = time.perf_counter(), cache.misses
+                tasks = run_tasks(spec, llm, cache, ctx.project.root)
+                task_seconds = time.perf_counter() - started
+                speed = {"task_requests_computed": cache.misses - computed, "task_seconds": round(task_seconds, 3)}
     finally:
         llm.close()
         cache.close()
+    judge_cache = None
+    if spec is not None and spec.judge is not None and not base:
+        judged, judge_cache = run_judge(ctx, answers)
     metrics = {
         "quant": quant,
         "file_bytes": path.stat().st_size,
@@ -272,8 +322,10 @@ def run(ctx: StageContext) -> dict:
         "template_checks": checks,
         **({"checks": instructions} if instructions is not None else {}),
         **({"tasks": tasks} if tasks is not None else {}),
+        **({"judge": judged} if judged is not None else {}),
     }
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     summary = {k: metrics[k] for k in ("perplexity", "file_bytes", "generated_tokens", "template_roundtrip",
                                        "template_checks")}
-    return {**summary, "item_cache": {"hits": cache.hits, "computed": cache.misses}}
+    return {**summary, "item_cache": {"hits": cache.hits, "computed": cache.misses}, **speed,
+            **({"judge_cache": judge_cache} if judge_cache else {})}

@@ -1,0 +1,172 @@
+"""Pairwise judge: tuned vs base answers on the held-out prompts, each pair judged in both orders.
+
+    recipe:      evaluate: {judge: {gguf: models/judge.gguf}}
+                 evaluate: {judge: {openai: {base_url: "http://127.0.0.1:8000/v1", model: NAME, revision: R}}}
+    params.yaml: endpoints: {api_key_env: OPENAI_API_KEY, concurrency: 4, timeout_s: 60, retries: 3}
+
+Each (prompt, tuned answer, base answer) is shown to the judge twice, tuned as A then as B, so a
+judge that prefers a position cancels out. A verdict is `[[A]]`, `[[B]]` or `[[C]]` (a tie); the
+tuned answer scores 1, 0.5 or 0 per order and a pair scores the mean of its two orders. The win
+rate is the mean pair score, with a seeded bootstrap 95% interval over prompts. Replies without a
+verdict count as `invalid` and score nothing either way (they are excluded from the rate).
+
+A judge's identity (the key of its cached verdicts) is the GGUF file's digest, or the served model
+name and optional `revision`; never the URL, nor the API key, which is read from the environment
+variable params.yaml names and goes into no recipe, key, log or file.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from builder.errors import StageError
+
+JUDGE_PROMPT = """Please act as an impartial judge and evaluate the quality of the responses provided by two AI \
+assistants to the user question displayed below. Choose the assistant that follows the user's instructions and \
+answers the question better: consider helpfulness, relevance, accuracy and conciseness. Do not let the order of the \
+responses, their length or the assistants' names influence you. After a one-sentence explanation, output your final \
+verdict strictly in this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and "[[C]]" \
+for a tie.
+
+[User Question]
+{question}
+
+[The Start of Assistant A's Answer]
+{a}
+[The End of Assistant A's Answer]
+
+[The Start of Assistant B's Answer]
+{b}
+[The End of Assistant B's Answer]"""
+VERDICT = re.compile(r"\[\[([ABC])\]\]")
+JUDGE_MAX_TOKENS = 128
+BOOTSTRAP = 1000
+
+
+@dataclass(frozen=True)
+class Pair:
+    question: str
+    tuned: str
+    base: str
+
+
+def verdict(reply: str) -> str | None:
+    """'A', 'B' or 'C' from the judge's reply (its last verdict mark), None when there is none."""
+    marks = VERDICT.findall(reply)
+    return marks[-1] if marks else None
+
+
+def pair_score(tuned_first: str | None, tuned_second: str | None) -> float | None:
+    """The tuned answer's score over both orders (it is A first, then B); None if either is invalid."""
+    if tuned_first is None or tuned_second is None:
+        return None
+    first = {"A": 1.0, "C": 0.5, "B": 0.0}[tuned_first]
+    second = {"B": 1.0, "C": 0.5, "A": 0.0}[tuned_second]
+    return (first + second) / 2
+
+
+def win_rate(scores: list[float], seed: int = 0) -> tuple[float | None, list[float] | None]:
+    """Mean pair score and a seeded percentile-bootstrap 95% interval over prompts."""
+    if not scores:
+        return None, None
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(BOOTSTRAP))
+    return round(sum(scores) / len(scores), 4), [round(means[int(0.025 * BOOTSTRAP)], 4),
+                                                  round(means[int(0.975 * BOOTSTRAP) - 1], 4)]
+
+
+class GgufJudge:
+    """A judge GGUF run in process by llama-cpp-python (its own chat template), greedy."""
+
+    def __init__(self, path, n_ctx: int = 2048):  # noqa: ANN001
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, seed=0, verbose=False)
+
+    def ask(self, prompt: str) -> str:
+        self.llm.reset()
+        reply = self.llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=JUDGE_MAX_TOKENS, temperature=0.0, seed=0)
+        return reply["choices"][0]["message"]["content"] or ""
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, OpenAI): explicit
+    timeouts, retries with backoff, a clear error within seconds when nothing listens."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, retries: int):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.timeout, self.retries = model, timeout_s, retries
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+    def ask(self, prompt: str) -> str:
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0.0, "max_tokens": JUDGE_MAX_TOKENS, "seed": 0}).encode()
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    raise StageError(f"evaluate.judge: {self.url} refused the request ({exc.code}); check the API key "
+                                     "variable named in params.yaml endpoints.api_key_env") from None
+                if exc.code < 500 and exc.code != 429 or attempt == self.retries:
+                    raise StageError(f"evaluate.judge: {self.url} answered {exc.code} {exc.reason}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if isinstance(reason, ConnectionRefusedError) or attempt == self.retries:
+                    raise StageError(f"evaluate.judge: cannot reach {self.url} ({reason}); start the server or fix "
+                                     "evaluate.judge.openai.base_url") from None
+            except (KeyError, IndexError, ValueError) as exc:
+                raise StageError(f"evaluate.judge: {self.url} did not answer like an OpenAI chat endpoint "
+                                 f"({type(exc).__name__})") from None
+            time.sleep(min(2 ** attempt * 0.5, 8.0))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        pass
+
+
+def judge_pairs(judge, identity: str, pairs: list[Pair], cache, concurrency: int = 1) -> tuple[dict, list[dict]]:  # noqa: ANN001
+    """Every pair judged in both orders (verdicts from the item cache where present): the judge
+    metrics and one record per pair (prompts, raw replies, verdicts) for judge.jsonl."""
+    prompts = [(p, order, JUDGE_PROMPT.format(question=p.question, a=a, b=b))
+               for p in pairs for order, (a, b) in (("tuned_first", (p.tuned, p.base)), ("base_first", (p.base, p.tuned)))]
+
+    def reply(item: tuple) -> str:
+        request = {"judge": identity, "prompt": item[2], "max_tokens": JUDGE_MAX_TOKENS}
+        found = cache.get("judge", request)
+        if found is None:
+            found = judge.ask(item[2])
+            cache.put("judge", request, found)
+        return found
+
+    if concurrency > 1:
+        with ThreadPoolExecutor(concurrency) as pool:
+            replies = list(pool.map(reply, prompts))
+    else:
+        replies = [reply(item) for item in prompts]
+    records, scores, counts = [], [], {"wins": 0, "ties": 0, "losses": 0, "invalid": 0}
+    for k, pair in enumerate(pairs):
+        first, second = replies[2 * k], replies[2 * k + 1]
+        score = pair_score(verdict(first), verdict(second))
+        if score is None:
+            counts["invalid"] += 1
+        else:
+            scores.append(score)
+            counts["wins" if score > 0.5 else "losses" if score < 0.5 else "ties"] += 1
+        records.append({"question": pair.question, "tuned": pair.tuned, "base": pair.base, "score": score,
+                        "orders": [{"order": prompts[2 * k + j][1], "judge_prompt": prompts[2 * k + j][2],
+                                    "reply": r, "verdict": verdict(r)} for j, r in enumerate((first, second))]})
+    rate, interval = win_rate(scores)
+    return {"judge": identity, "pairs": len(pairs), **counts, "win_rate": rate, "win_rate_ci95": interval}, records

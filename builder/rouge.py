@@ -1,0 +1,125 @@
+"""The Self-Instruct novelty filter: ROUGE-L against every kept instruction, near-linear.
+
+Self-Instruct keeps a candidate instruction only if its ROUGE-L F-measure with every instruction
+kept so far is at most 0.7, computed by the `rouge-score` package (no stemming). Comparing each
+candidate with all kept ones is quadratic: 50k instructions are over a billion LCS tables.
+
+`NoveltyIndex` makes the same decisions with far fewer comparisons. ROUGE-L F is 2·LCS/(m+n) for
+token counts m and n, and the LCS is at most the multiset overlap of the two token lists. So a
+pair can pass the threshold only if (a) the lengths are close enough (2·min(m,n)/(m+n) > t), and
+(b) the overlap reaches a bound set by the lengths. (b) is enforced by prefix filtering: with
+every token occurrence placed in one fixed global order (rare tokens first), two lists whose
+overlap reaches α must share a token among the first m−α+1 of each. Kept instructions are
+indexed by their prefix tokens only; a candidate is compared (exact LCS, the package's own float
+arithmetic) only with kept instructions that share a prefix token and pass the length and
+overlap bounds.
+The order ranks tokens by their count in the seed tasks (frequent words last, unseen ones
+first), fixed before the first instruction is indexed, so the filter is exact for any input.
+
+    index = NoveltyIndex(0.7, seed_token_lists)
+    score, twin = index.most_similar(rouge_tokens(text))   # (max F above 0.7, its id) or (None, None)
+    index.add(rouge_tokens(text), id)
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+
+_NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
+_SPACES = re.compile(r"\s+")
+_VALID = re.compile(r"^[a-z0-9]+$")
+SLACK = 1e-9  # the bounds prune only pairs that are below the threshold by more than float error
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenization (no stemmer): lowercase, non-alphanumerics to spaces, split."""
+    return [t for t in _SPACES.split(_NON_ALPHANUM.sub(" ", text.lower())) if _VALID.match(t)]
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (one DP row at a time)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_f(target: list[str], prediction: list[str]) -> float:
+    """ROUGE-L F-measure exactly as rouge_score.rouge_scorer._score_lcs computes it (same floats)."""
+    if not target or not prediction:
+        return 0.0
+    lcs = lcs_length(target, prediction)
+    precision, recall = lcs / len(prediction), lcs / len(target)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _min_partner(m: int, t: float) -> int:
+    """The smallest length n another list can have and still score above t with a list of m tokens
+    (2·min(m, n)/(m + n) > t)."""
+    return math.floor(t * m / (2 - t)) + 1
+
+
+def prefix_length(m: int, threshold: float) -> int:
+    """How many of a list's first tokens (in the global order) must hold a shared token for any
+    partner of a compatible length to reach the overlap that scoring above the threshold needs."""
+    t = threshold - SLACK
+    overlap = math.floor(t * (m + _min_partner(m, t)) / 2) + 1  # the least overlap over compatible partners
+    return max(0, m - overlap + 1)
+
+
+class NoveltyIndex:
+    """Kept instructions, indexed for the ROUGE-L novelty decision (see the module docstring)."""
+
+    def __init__(self, threshold: float, order_hint: list[list[str]] = ()):  # noqa: B006
+        self.threshold = threshold
+        counts = Counter(t for tokens in order_hint for t in tokens)
+        self.rank = lambda token: counts.get(token, 0)  # fixed before anything is indexed
+        self.postings: dict[tuple[str, int], list[int]] = defaultdict(list)
+        self.kept: list[list[str]] = []
+        self.bags: list[Counter] = []
+        self.ids: list[object] = []
+        self.comparisons = 0
+
+    def _prefix(self, tokens: list[str]) -> list[tuple[str, int]]:
+        seen: Counter = Counter()
+        occurrences = []
+        for token in tokens:  # the k-th occurrence of a token is its own element: multiset overlap
+            occurrences.append((token, seen[token]))
+            seen[token] += 1
+        occurrences.sort(key=lambda o: (self.rank(o[0]), o[0], o[1]))
+        return occurrences[:prefix_length(len(tokens), self.threshold)]
+
+    def most_similar(self, tokens: list[str]) -> tuple[float | None, object]:
+        """(the highest ROUGE-L F above the threshold against a kept instruction, its id), or
+        (None, None) when the candidate is novel; exactly the brute-force decision."""
+        m = len(tokens)
+        if not m:
+            return None, None
+        candidates = {k for occurrence in self._prefix(tokens) for k in self.postings.get(occurrence, ())}
+        bag = Counter(tokens)
+        best, best_id = None, None
+        for k in sorted(candidates):
+            n = len(self.kept[k])
+            if 2 * min(m, n) / (m + n) <= self.threshold - SLACK:  # the lengths alone rule it out
+                continue
+            if 2 * sum((bag & self.bags[k]).values()) / (m + n) <= self.threshold - SLACK:  # LCS <= overlap
+                continue
+            self.comparisons += 1
+            score = rouge_l_f(tokens, self.kept[k])
+            if score > self.threshold and (best is None or score > best):
+                best, best_id = score, self.ids[k]
+        return best, best_id
+
+    def add(self, tokens: list[str], identifier: object) -> None:
+        k = len(self.kept)
+        self.kept.append(tokens)
+        self.bags.append(Counter(tokens))
+        self.ids.append(identifier)
+        for occurrence in self._prefix(tokens):
+            self.postings[occurrence].append(k)
