@@ -1,9 +1,10 @@
 """lm-evaluation-harness on GGUF files: an lm-eval `LM` over llama-cpp-python, and the tasks a recipe lists.
 
-    scores, counts = run_tasks(recipe.evaluate, gguf_path, model_key, project)
+    scores = run_tasks(recipe.evaluate, llm, ItemCache(path, model_key), project_root)
 
-`evaluate.tasks` holds registry task names (`hellaswag`) or paths to local task YAML files
-(`data/tasks/demo_mc.yaml`); a local task runs with its folder as lm-eval's include path. The
+`evaluate.tasks` holds registry task names (`hellaswag`, or `hellaswag@REVISION` to read its
+dataset at a pinned Hub revision) or paths to local task YAML files (`data/tasks/demo_mc.yaml`);
+a local task runs with its folder as lm-eval's include path. The
 adapter scores what users ship (the GGUF file, for every quant type), tokenizing as lm-eval's `hf`
 backend does: BOS where the model's tokenizer adds one, special tokens parsed in text, an empty
 context conditioned on BOS (else EOS). Every request's result is kept in an item cache keyed by
@@ -249,8 +250,8 @@ def local_task(entry: str, root: Path) -> tuple[str, Path] | None:
     return config["task"], path.parent
 
 
-def registry_task(name: str) -> tuple[str, Path] | None:
-    """(name, folder) of the registry YAML file that defines task `name`, found by its `task:` line."""
+def registry_task(name: str) -> tuple[str, Path, Path] | None:
+    """(name, folder, file) of the registry YAML file that defines task `name`, found by its `task:` line."""
     import importlib.util
 
     line = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
@@ -258,10 +259,35 @@ def registry_task(name: str) -> tuple[str, Path] | None:
     for path in sorted(Path(package.submodule_search_locations[0], "tasks").rglob("*.yaml")):
         try:
             if line.search(path.read_text(encoding="utf-8", errors="replace")):
-                return name, path.parent
+                return name, path.parent, path
         except OSError:
             continue
     return None
+
+
+def pinned_task(entry: str, folder: Path) -> tuple[str, Path] | None:
+    """`name@revision`: a registry task whose dataset is read at that revision. Written as a task
+    file in `folder` that includes the registry's YAML and sets dataset_kwargs.revision."""
+    import yaml
+
+    name, _, revision = entry.partition("@")
+    found = registry_task(name) if revision else None
+    if found is None:
+        return None
+
+    class Permissive(yaml.SafeLoader):  # registry YAMLs use lm-eval's own tags (!function)
+        pass
+
+    Permissive.add_multi_constructor("", lambda loader, suffix, node: None)
+    try:
+        config = yaml.load(found[2].read_text(encoding="utf-8"), Loader=Permissive) or {}
+    except yaml.YAMLError:
+        config = {}
+    kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
+    text = yaml.safe_dump({"include": str(found[2]), "task": name, "dataset_kwargs": {**kwargs, "revision": revision}},
+                          sort_keys=True)
+    (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
+    return name, folder
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -312,12 +338,17 @@ def _offline():  # noqa: ANN202
 
 def run_tasks(spec, llm, cache: ItemCache, root: Path) -> dict:  # noqa: ANN001
     """Scores of every task in spec.tasks on the open GGUF: {task: {metric: value}}."""
-    found = {entry: local_task(entry, root) or registry_task(entry) for entry in spec.tasks}
-    local = all(entry.endswith((".yaml", ".yml")) for entry in found)
-    # Registry tasks load their data from the Hub. When it cannot be reached, only what is in the
-    # local cache: a missing dataset fails in seconds, not after the retries.
-    with (contextlib.nullcontext() if local or hub_reachable() else _offline()), _in_folder(root):
-        return _evaluate(spec, llm, cache, found)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tunefile-tasks-") as pins:
+        found = {entry: local_task(entry, root) or pinned_task(entry, Path(pins)) or registry_task(entry)
+                 for entry in spec.tasks}
+        found = {entry: task[:2] if task else None for entry, task in found.items()}
+        local = all(entry.endswith((".yaml", ".yml")) for entry in found)
+        # Registry tasks load their data from the Hub. When it cannot be reached, only what is in
+        # the local cache: a missing dataset fails in seconds, not after the retries.
+        with (contextlib.nullcontext() if local or hub_reachable() else _offline()), _in_folder(root):
+            return _evaluate(spec, llm, cache, found)
 
 
 def _evaluate(spec, llm, cache: ItemCache, found: dict) -> dict:  # noqa: ANN001
