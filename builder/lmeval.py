@@ -84,7 +84,7 @@ class BatchScorer:
         import llama_cpp
         from llama_cpp import _internals
 
-        self.vocab = llm.n_vocab()
+        self.llm, self.vocab = llm, llm.n_vocab()
         budget = min(4096, llm._model.n_ctx_train(), self.LOGITS_BUDGET // (4 * self.vocab))
         self.capacity = max(llm.n_ctx(), budget)
         params = llama_cpp.llama_context_default_params()
@@ -124,6 +124,78 @@ class BatchScorer:
     def close(self) -> None:
         self.batch.close()
         self.ctx.close()
+
+
+class BatchGenerator(BatchScorer):
+    """Greedy generation of several prompts per llama_decode, on the same kind of second context:
+    each prompt its own seq_id, then one token per live sequence per decode. A sequence ends at an
+    end-of-generation token (stopped), at one of its stop texts (stopped; the text is cut there)
+    or after max_tokens (not stopped): what create_completion does with temperature 0, one
+    sequence at a time."""
+
+    def generate(self, prompts: list[list[int]], stops: list[list[str]], max_tokens: int) -> list[dict]:
+        results: list = [None] * len(prompts)
+        order = list(range(len(prompts)))
+        while order:
+            group, used = [], 0
+            while order and len(group) < self.MAX_SEQUENCES and used + len(prompts[order[0]]) + max_tokens <= self.capacity:
+                used += len(prompts[order[0]]) + max_tokens
+                group.append(order.pop(0))
+            if not group:  # one prompt longer than the context: generate nothing, as llama.cpp would refuse
+                k = order.pop(0)
+                results[k] = {"text": "", "tokens": 0, "stopped": False}
+                continue
+            for k, result in zip(group, self._group([prompts[k] for k in group], [stops[k] for k in group], max_tokens)):
+                results[k] = result
+        return results
+
+    def _group(self, prompts: list[list[int]], stops: list[list[str]], max_tokens: int) -> list[dict]:
+        import llama_cpp
+        import numpy as np
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        self.ctx.kv_cache_clear()
+        self.batch.reset()
+        for seq, prompt in enumerate(prompts):
+            self.batch.add_sequence(prompt, seq, logits_all=False)
+        self.ctx.decode(self.batch)
+        live = list(range(len(prompts)))
+        out: list[list[int]] = [[] for _ in prompts]
+        done: list[dict | None] = [None] * len(prompts)
+        while live:
+            logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(live), self.vocab))
+            nexts = []
+            for row, seq in enumerate(live):
+                token = int(np.argmax(logits[row]))
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    done[seq] = self._result(out[seq], stops[seq], stopped=True)
+                    continue
+                out[seq].append(token)
+                text = self._text(out[seq])
+                if any(stop in text for stop in stops[seq]):
+                    done[seq] = self._result(out[seq], stops[seq], stopped=True)
+                elif len(out[seq]) >= max_tokens:
+                    done[seq] = self._result(out[seq], stops[seq], stopped=False)
+                else:
+                    nexts.append(seq)
+            live = nexts
+            if live:
+                self.batch.reset()
+                for i, seq in enumerate(live):
+                    b = self.batch.batch
+                    b.token[i], b.pos[i] = out[seq][-1], len(prompts[seq]) + len(out[seq]) - 1
+                    b.seq_id[i][0], b.n_seq_id[i], b.logits[i] = seq, 1, True
+                self.batch.batch.n_tokens = len(live)
+                self.ctx.decode(self.batch)
+        return done  # type: ignore[return-value]
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
+
+    def _result(self, tokens: list[int], stops: list[str], stopped: bool) -> dict:
+        text = self._text(tokens)
+        cuts = [text.index(stop) for stop in stops if stop in text]
+        return {"text": text[:min(cuts)] if cuts else text, "tokens": len(tokens), "stopped": stopped}
 
 
 def make_adapter(llm, cache: ItemCache):  # noqa: ANN001, ANN201

@@ -207,6 +207,33 @@ def test_lm_eval_adapter_rolling_generation_and_item_cache(repo, tmp_path):
         llm.close()
 
 
+def test_batched_answers_are_the_answers_one_at_a_time(repo):
+    """Several sequences per llama.cpp decode give the f16 file's answers as create_chat_completion
+    one at a time does (a near-tie may round differently in a batch: at most one of 12 may differ)."""
+    import llama_cpp
+
+    from builder.lmeval import BatchGenerator
+    from builder.stages.evaluate import _token_text, format_chat
+
+    llm = llama_cpp.Llama(model_path=str(repo / "build/default/gguf/model-f16.gguf"), n_ctx=512, seed=0, verbose=False)
+    prompts = [json.loads(line)["prompt"] for line in (repo / "data/demo_prompts.jsonl").read_text().splitlines()]
+    try:
+        one = []
+        for prompt in prompts:
+            llm.reset()
+            out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=32,
+                                             temperature=0.0, seed=0)
+            one.append((out["choices"][0]["message"]["content"] or "", out["choices"][0]["finish_reason"] == "stop"))
+        template = llm.metadata["tokenizer.chat_template"]
+        generator = BatchGenerator(llm)
+        batched = generator.generate([format_chat(llm, template, [{"role": "user", "content": p}], True)[1]
+                                      for p in prompts], [[_token_text(llm, llm.token_eos())]] * len(prompts), 32)
+        generator.close()
+    finally:
+        llm.close()
+    assert sum((b["text"], b["stopped"]) == a for a, b in zip(one, batched)) >= len(prompts) - 1
+
+
 def test_second_repro_is_a_no_op(repo):
     stamps = {p: p.stat().st_mtime_ns for p in (repo / "build" / "default").rglob("manifest.json")}
     assert len(stamps) == len(STAGES)

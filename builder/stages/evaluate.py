@@ -163,12 +163,32 @@ def answer(llm, base: bool, template: str, policy: str, messages: list[dict], ma
     return {"text": text, "tokens": out["usage"]["completion_tokens"], "stopped": out["choices"][0]["finish_reason"] == "stop"}
 
 
-def cached_answer(cache, llm, base: bool, template: str, policy: str, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
-    request = {"messages": messages, "max_tokens": max_tokens, "policy": policy}
-    found = cache.get("answer", request)
-    if found is None:
-        found = answer(llm, base, template, policy, messages, max_tokens)
-        cache.put("answer", request, found)
+def cached_answers(cache, llm, base: bool, template: str, policy: str, conversations: list[list[dict]],  # noqa: ANN001
+                   max_tokens: int) -> list[dict]:
+    """answer() for each conversation: from the item cache, the rest generated together, several
+    sequences per llama.cpp decode. On an f16 file these are the answers one at a time gives (the
+    end-to-end test compares them); quantized kernels can round differently with the batch, and a
+    near-tie can then pick another token."""
+    from builder.lmeval import BatchGenerator
+
+    requests = [{"messages": messages, "max_tokens": max_tokens, "policy": policy} for messages in conversations]
+    found = [cache.get("answer", request) for request in requests]
+    todo = [k for k, f in enumerate(found) if f is None]
+    if todo:
+        bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
+        # The base model gets the recipe's template and its end-of-turn texts; a tuned file chats with
+        # its own template and stops at EOS text, as llama-cpp-python's chat handler does.
+        chat = template if base else llm.metadata.get("tokenizer.chat_template") or template
+        stops = stop_texts(template, policy, bos_token=bos, eos_token=eos) if base else [eos]
+        generator = BatchGenerator(llm)
+        try:
+            made = generator.generate([format_chat(llm, chat, conversations[k], add_generation_prompt=True)[1] for k in todo],
+                                      [stops] * len(todo), max_tokens)
+        finally:
+            generator.close()
+        for k, result in zip(todo, made):
+            found[k] = result
+            cache.put("answer", requests[k], result)
     return found
 
 
@@ -193,19 +213,19 @@ def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str,
     records = []
     if spec.prompts:
         prompts = read_prompts(ctx.project.root / spec.prompts, spec.prompts)
-        answers = [cached_answer(cache, llm, base, template, policy,
-                                 with_system(recipe.system_prompt, [{"role": "user", "content": p.prompt}]),
-                                 spec.max_tokens) for p in prompts]
+        answers = cached_answers(cache, llm, base, template, policy,
+                                 [with_system(recipe.system_prompt, [{"role": "user", "content": p.prompt}]) for p in prompts],
+                                 spec.max_tokens)
         out.update(score(prompts, [(a["text"], a["stopped"]) for a in answers]))
         records += [{"kind": "prompt", "prompt": p.prompt, **a,
                      "checks": [{"check": name, "strict": strict, "loose": loose}
                                 for name, strict, loose in verdicts(p, a["text"], a["stopped"])]}
                     for p, a in zip(prompts, answers)]
-    held = []
-    for row in rows[:spec.stop_examples]:
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        held.append(cached_answer(cache, llm, base, template, policy, row["messages"][:last], spec.max_tokens))
-        records.append({"kind": "eval_split", "prompt": row["messages"][last - 1]["content"], **held[-1]})
+    lasts = [max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant") for row in rows[:spec.stop_examples]]
+    held = cached_answers(cache, llm, base, template, policy, [row["messages"][:last] for row, last in zip(rows, lasts)],
+                          spec.max_tokens)
+    records += [{"kind": "eval_split", "prompt": row["messages"][last - 1]["content"], **a}
+                for row, last, a in zip(rows, lasts, held)]
     if held:
         lengths = [a["tokens"] for a in held]
         out.update({"stop_rate": round(sum(a["stopped"] for a in held) / len(held), 4), "stop_prompts": len(held),
