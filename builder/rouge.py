@@ -10,9 +10,10 @@ pair can pass the threshold only if (a) the lengths are close enough (2·min(m,n
 (b) the overlap reaches a bound set by the lengths. (b) is enforced by prefix filtering: with
 every token occurrence placed in one fixed global order (rare tokens first), two lists whose
 overlap reaches α must share a token among the first m−α+1 of each. Kept instructions are
-indexed by their prefix tokens only; a candidate is compared (exact LCS, the package's own float
-arithmetic) only with kept instructions that share a prefix token and pass the length and
-overlap bounds.
+indexed by their prefix tokens (with each token's position in that order); a candidate is
+compared (exact LCS, the package's own float arithmetic) only with kept instructions that share a
+prefix token and pass the length bound, PPJoin's positional bound (the overlap still reachable
+from the positions where they first share a token) and the multiset-overlap bound.
 The order ranks tokens by their count in the seed tasks (frequent words last, unseen ones
 first), fixed before the first instruction is indexed, so the filter is exact for any input.
 
@@ -80,35 +81,50 @@ class NoveltyIndex:
         self.threshold = threshold
         counts = Counter(t for tokens in order_hint for t in tokens)
         self.rank = lambda token: counts.get(token, 0)  # fixed before anything is indexed
-        self.postings: dict[tuple[str, int], list[int]] = defaultdict(list)
+        self.postings: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # -> (kept, position)
         self.kept: list[list[str]] = []
         self.bags: list[Counter] = []
         self.ids: list[object] = []
         self.comparisons = 0
 
-    def _prefix(self, tokens: list[str]) -> list[tuple[str, int]]:
+    def _ordered(self, tokens: list[str]) -> list[tuple[str, int]]:
+        """The list's token occurrences in the global order (the k-th occurrence of a token is its
+        own element, so overlaps count as multisets)."""
         seen: Counter = Counter()
         occurrences = []
-        for token in tokens:  # the k-th occurrence of a token is its own element: multiset overlap
+        for token in tokens:
             occurrences.append((token, seen[token]))
             seen[token] += 1
-        occurrences.sort(key=lambda o: (self.rank(o[0]), o[0], o[1]))
-        return occurrences[:prefix_length(len(tokens), self.threshold)]
+        return sorted(occurrences, key=lambda o: (self.rank(o[0]), o[0], o[1]))
 
     def most_similar(self, tokens: list[str]) -> tuple[float | None, object]:
         """(the highest ROUGE-L F above the threshold against a kept instruction, its id), or
-        (None, None) when the candidate is novel; exactly the brute-force decision."""
+        (None, None) when the candidate is novel; exactly the brute-force decision.
+
+        Candidates come from the prefix tokens' index entries, with PPJoin's positional bound: when
+        the candidate's i-th token (in the global order) is a kept list's j-th, their overlap is at
+        most the matches found before plus 1 + min(m - i - 1, n - j - 1)."""
         m = len(tokens)
         if not m:
             return None, None
-        candidates = {k for occurrence in self._prefix(tokens) for k in self.postings.get(occurrence, ())}
+        t = self.threshold - SLACK
+        found: dict[int, int] = {}  # kept index -> prefix matches so far (-1: ruled out)
+        for i, occurrence in enumerate(self._ordered(tokens)[:prefix_length(m, self.threshold)]):
+            for k, j in self.postings.get(occurrence, ()):
+                count = found.get(k, 0)
+                if count < 0:
+                    continue
+                n = len(self.kept[k])
+                needed = math.floor(t * (m + n) / 2) + 1  # the overlap F > t needs
+                if 2 * min(m, n) / (m + n) <= t or count + 1 + min(m - i - 1, n - j - 1) < needed:
+                    found[k] = -1
+                else:
+                    found[k] = count + 1
         bag = Counter(tokens)
         best, best_id = None, None
-        for k in sorted(candidates):
+        for k in sorted(k for k, count in found.items() if count > 0):
             n = len(self.kept[k])
-            if 2 * min(m, n) / (m + n) <= self.threshold - SLACK:  # the lengths alone rule it out
-                continue
-            if 2 * sum((bag & self.bags[k]).values()) / (m + n) <= self.threshold - SLACK:  # LCS <= overlap
+            if 2 * sum((bag & self.bags[k]).values()) / (m + n) <= t:  # LCS <= multiset overlap
                 continue
             self.comparisons += 1
             score = rouge_l_f(tokens, self.kept[k])
@@ -121,5 +137,5 @@ class NoveltyIndex:
         self.kept.append(tokens)
         self.bags.append(Counter(tokens))
         self.ids.append(identifier)
-        for occurrence in self._prefix(tokens):
-            self.postings[occurrence].append(k)
+        for j, occurrence in enumerate(self._ordered(tokens)[:prefix_length(len(tokens), self.threshold)]):
+            self.postings[occurrence].append((k, j))
