@@ -39,13 +39,9 @@ def lists(offsets, values: pa.Array) -> pa.Array:  # noqa: ANN001
     return pa.ListArray.from_arrays(numbers(offsets, np.int32), values)
 
 
-def int64s(array: pa.Array) -> np.ndarray:
-    """An int64 array without nulls as numpy, zero-copy (to_numpy goes through the pandas shim)."""
-    return np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array)]
-
-
 def integers(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """An int32/int64 column without nulls as an int64 numpy array (no pandas shim)."""
+    """An int32/int64 column without nulls as an int64 numpy array (to_numpy goes through the
+    pandas shim)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     dtype = {pa.int32(): np.int32, pa.int64(): np.int64}[array.type]
     return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset:array.offset + len(array)].astype(np.int64)

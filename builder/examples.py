@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.arrow import int64s, lists, numbers, strings
+from builder.arrow import integers, lists, numbers, strings
 from builder.hashing import hash_value
 from builder.records import Conversation, with_system_prompt
 from builder.sources import Reject
@@ -149,12 +149,14 @@ def write_rows(path: Path, refs: list[tuple[str, int]], sources: dict) -> None:
     for k, name in enumerate(names):
         mine = source_of == k
         chunk_of[mine] = sources[name].chunk_of[row_of[mine]]
-    runs = np.flatnonzero((source_of[1:] != source_of[:-1]) | (chunk_of[1:] != chunk_of[:-1])) + 1
+    # Runs of consecutive rows from one chunk; each chunk in a single run means a sequential copy.
+    starts = np.r_[0, np.flatnonzero((source_of[1:] != source_of[:-1]) | (chunk_of[1:] != chunk_of[:-1])) + 1]
+    run_chunks = list(zip(source_of[starts].tolist(), chunk_of[starts].tolist())) if refs else []
     with pq.ParquetWriter(path, schema, **SPLIT_WRITE) as out:
         if not refs:
             out.write_table(pa.Table.from_batches([], schema=schema))
-        elif len(runs) + 1 == len(set(zip(source_of[np.r_[0, runs]].tolist(), chunk_of[np.r_[0, runs]].tolist()))):
-            for begin, end in zip(np.r_[0, runs], np.r_[runs, len(refs)]):
+        elif len(set(run_chunks)) == len(run_chunks):
+            for begin, end in zip(starts, np.r_[starts[1:], len(refs)]):
                 rows = sources[names[source_of[begin]]]
                 table = _chunk_table(rows.paths[chunk_of[begin]], schema)
                 out.write_table(table.take(numbers(rows.local[row_of[begin:end]])))
@@ -206,7 +208,7 @@ def _shuffle_rows(out, schema, sources: dict, names: list[str], source_of, row_o
         for file in files:
             with pa.OSFile(str(file)) as source:
                 bucket = pa.ipc.open_file(source).read_all()
-            order = np.argsort(np.concatenate([int64s(c) for c in bucket.column("position").chunks]))
+            order = np.argsort(integers(bucket.column("position")))
             out.write_table(bucket.take(numbers(order)).drop_columns(["position"]).combine_chunks())
             del bucket
             file.unlink()

@@ -18,9 +18,7 @@ import json
 import math
 import os
 import re
-import sqlite3
 from pathlib import Path
-from unittest import mock
 
 from builder.errors import StageError
 from builder.hashing import hash_value
@@ -31,6 +29,7 @@ class ItemCache:
     share between the threads of a concurrent client."""
 
     def __init__(self, path: Path, model_key: str):
+        import sqlite3
         import threading
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,19 +236,20 @@ def make_adapter(llm, cache: ItemCache):  # noqa: ANN001, ANN201
             """Each (tokens, first) from the item cache, the rest scored in batches (then cached)."""
             keys = [{"tokens": list(tokens), "first": first} for tokens, first in requests]
             found = [self.cache.get("loglikelihood", key) for key in keys]
-            todo = [k for k, f in enumerate(found) if f is None]
-            unique = {json.dumps(keys[k], sort_keys=True): keys[k] for k in todo}  # repeats are scored once
-            if unique:
+            todo = {}  # one scoring per distinct request: (tokens, first) -> its result
+            for k, f in enumerate(found):
+                if f is None:
+                    todo.setdefault((tuple(keys[k]["tokens"]), keys[k]["first"]), None)
+            if todo:
                 scorer = BatchScorer(self.llm)
                 try:
-                    scores = scorer.score([(key["tokens"], key["first"]) for key in unique.values()])
+                    scored = dict(zip(todo, scorer.score([(list(tokens), first) for tokens, first in todo])))
                 finally:
                     scorer.close()
-                by_request = dict(zip(unique, scores))
-                for k in todo:
-                    found[k] = list(by_request[json.dumps(keys[k], sort_keys=True)])
-                for text, key in unique.items():
-                    self.cache.put("loglikelihood", key, list(by_request[text]))
+                for (tokens, first), result in scored.items():
+                    self.cache.put("loglikelihood", {"tokens": list(tokens), "first": first}, list(result))
+                found = [f if f is not None else scored[(tuple(key["tokens"]), key["first"])]
+                         for f, key in zip(found, keys)]
             return [(float(f[0]), bool(f[1])) for f in found]
 
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:  # noqa: ANN001
@@ -397,6 +397,7 @@ def _in_folder(folder: Path):  # noqa: ANN202
 def _offline():  # noqa: ANN202
     """Hugging Face libraries offline for the block (env for later imports, flags for loaded ones)."""
     import sys
+    from unittest import mock
 
     flags = [(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE"),
              (sys.modules.get("datasets.config"), "HF_HUB_OFFLINE"), (sys.modules.get("datasets.config"), "HF_DATASETS_OFFLINE")]
@@ -425,6 +426,7 @@ def run_tasks(spec, llm, cache: ItemCache, root: Path) -> dict:  # noqa: ANN001
 
 def _evaluate(spec, llm, cache: ItemCache, found: dict) -> dict:  # noqa: ANN001
     import logging
+    from unittest import mock
 
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager

@@ -33,18 +33,17 @@ def perplexity(llm, rows: list[dict]) -> tuple[float | None, int]:
     """exp(mean NLL) over the trained tokens (labels != -100), from llama.cpp's logits."""
     import numpy as np
 
+    from builder.lmeval import log_softmax_rows
+
     total, count = 0.0, 0
     for row in rows:
         ids, labels = row["input_ids"], row["labels"]
         llm.reset()
         llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        logp = log_softmax_rows(llm.scores[: len(ids) - 1])
         targets = np.asarray(ids[1:])
         trained = np.asarray(labels[1:]) != -100
-        peak = logits.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
-        nll = log_norm - logits[np.arange(len(targets)), targets]
-        total += float(nll[trained].sum())
+        total -= float(logp[np.arange(len(targets)), targets][trained].sum())
         count += int(trained.sum())
     return (float(np.exp(total / count)) if count else None), count
 
@@ -145,17 +144,25 @@ def base_gguf(ctx: StageContext, dtype: str) -> Path:
     return entry / gguf_name(dtype)
 
 
+def _prompting(llm, base: bool, template: str, policy: str) -> tuple[str, list[str]]:  # noqa: ANN001
+    """(chat template, stop texts) an answer is generated with. The base model gets the recipe's
+    template and its end-of-turn texts (its GGUF holds the base tokenizer's template, or none); a
+    tuned file its own template and the EOS text, as llama-cpp-python's chat handler does."""
+    bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
+    if base:
+        return template, stop_texts(template, policy, bos_token=bos, eos_token=eos)
+    return llm.metadata.get("tokenizer.chat_template") or template, [eos]
+
+
 def answer(llm, base: bool, template: str, policy: str, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
-    """A greedy answer: {text, tokens, stopped (ended at the end-of-turn marker, not at max_tokens)}.
-    A tuned GGUF chats with its own template; the base model is prompted exactly as the tuned
-    files are (the recipe's template, rendered by llama-cpp-python's Jinja formatter), stopping at
-    the template's end-of-turn text."""
+    """A greedy answer, one sequence: {text, tokens, stopped (ended at the end-of-turn marker, not
+    at max_tokens)}. A tuned GGUF chats through llama-cpp-python's chat handler; the base model is
+    prompted as the tuned files are (see _prompting)."""
     llm.reset()
     if base:
-        _, prompt = format_chat(llm, template, messages, add_generation_prompt=True)
-        bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=0,
-                                    stop=stop_texts(template, policy, bos_token=bos, eos_token=eos) or None)
+        chat, stops = _prompting(llm, base, template, policy)
+        out = llm.create_completion(format_chat(llm, chat, messages, add_generation_prompt=True)[1],
+                                    max_tokens=max_tokens, temperature=0.0, seed=0, stop=stops or None)
         text = out["choices"][0]["text"]
     else:
         out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, seed=0)
@@ -175,11 +182,7 @@ def cached_answers(cache, llm, base: bool, template: str, policy: str, conversat
     found = [cache.get("answer", request) for request in requests]
     todo = [k for k, f in enumerate(found) if f is None]
     if todo:
-        bos, eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
-        # The base model gets the recipe's template and its end-of-turn texts; a tuned file chats with
-        # its own template and stops at EOS text, as llama-cpp-python's chat handler does.
-        chat = template if base else llm.metadata.get("tokenizer.chat_template") or template
-        stops = stop_texts(template, policy, bos_token=bos, eos_token=eos) if base else [eos]
+        chat, stops = _prompting(llm, base, template, policy)
         generator = BatchGenerator(llm)
         try:
             made = generator.generate([format_chat(llm, chat, conversations[k], add_generation_prompt=True)[1] for k in todo],
@@ -278,9 +281,20 @@ def run_judge(ctx: StageContext, records: list[dict]) -> tuple[dict, dict]:
     return metrics, {"hits": cache.hits, "computed": cache.misses}
 
 
+def _head(path: Path, count: int) -> list[dict]:
+    """The first `count` rows of a split file, read batch by batch."""
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=max(count, 1)):
+        rows += batch.to_pylist()
+        if len(rows) >= count:
+            break
+    return rows[:count]
+
+
 def run(ctx: StageContext) -> dict:
     import llama_cpp
-    import pyarrow.parquet as pq
 
     from builder.lmeval import ItemCache, run_tasks
 
@@ -293,13 +307,13 @@ def run(ctx: StageContext) -> dict:
         producer = f"quantize@{quant}" if f"quantize@{quant}" in ctx.stage.upstream else "gguf"
         path = ctx.input_dir(producer) / gguf_name(quant)
         model_key = ctx.plan[producer].key
-    eval_rows = pq.read_table(ctx.input_dir("dataset") / "eval.parquet").to_pylist()
-    if not eval_rows:  # a recipe with eval_fraction 0: measure on training examples instead
-        eval_rows = pq.read_table(ctx.input_dir("dataset") / "train.parquet").to_pylist()[:max(
-            EVAL_EXAMPLES, ctx.recipe.evaluate.stop_examples if ctx.recipe.evaluate else 0)]
+    spec = ctx.recipe.evaluate
+    wanted = max(EVAL_EXAMPLES, spec.stop_examples if spec else 0)  # rows read: no split is read whole
+    # A recipe with eval_fraction 0 is measured on training examples instead.
+    eval_rows = _head(ctx.input_dir("dataset") / "eval.parquet", wanted) or \
+        _head(ctx.input_dir("dataset") / "train.parquet", wanted)
     rows = eval_rows[:EVAL_EXAMPLES]
     template = read_template(ctx.recipe.template, ctx.project.root, ctx.input_dir("base"))
-    spec = ctx.recipe.evaluate
     n_ctx = ctx.recipe.train.max_length + max(MAX_NEW_TOKENS, spec.max_tokens if spec else 0)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=0,
                           n_threads=os.cpu_count() or 1, verbose=False)
