@@ -123,8 +123,8 @@ def examples_table(examples: Examples):
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
-# Dictionary pages and statistics only where they pay: on token lists and texts they cost half
-# the write time for a larger file.
+# Dictionary pages and statistics only where they pay: on token lists and texts they cost write
+# time for a larger file (a 218k-row split: 1.15 s and 23.6 MB with them, 0.87 s and 19.0 MB without).
 SPLIT_WRITE = {"compression": "zstd", "use_dictionary": ["source", "file"], "write_statistics": ["source", "file", "row"]}
 CHUNK_WRITE = {"compression": "lz4", "use_dictionary": ["source", "file"], "write_statistics": ["row"]}
 WRITE_BATCH = 4096  # rows of a split file's row groups, at least (more for huge splits: <= MAX_BUCKETS groups)
