@@ -10,7 +10,9 @@ recipe turns off (export.merge: false) publishes a placeholder, so DVC finds the
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 from typing import Callable
 
 from builder.errors import TunefileError
@@ -120,6 +122,15 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
             if child.is_dir() and not child.name.startswith(".") and child.name not in keep:
                 shutil.rmtree(child)
                 say(f"{recipe.name}/{kind}@{child.name}: removed (no longer in the recipe)")
+        if kind == "generate":
+            _link_generated(project, recipe, group)
+        # An empty folder is no DVC out: a recipe without stages of this kind gets a placeholder.
+        placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
+                       "not_built": f"{recipe.name} builds no {kind} stage"}
+        if not group and read_manifest(folder) != placeholder:
+            write_json(folder / "manifest.json", placeholder)
+        elif group and (folder / "manifest.json").is_file():
+            (folder / "manifest.json").unlink()
         if kind == "eval":
             from builder.report import write_eval_png
 
@@ -132,6 +143,24 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
         if read_manifest(folder) != placeholder:
             shutil.rmtree(folder, ignore_errors=True)
             write_json(folder / "manifest.json", placeholder)
+
+
+def _link_generated(project: Project, recipe: Recipe, group: list[Stage]) -> None:
+    """build/<recipe>/generate@<source> links to generate/<source>/ (the folder DVC tracks holds every
+    source's), so the stage's name also finds its files; links of sources no longer generated go."""
+    build = project.build_dir(recipe.name)
+    wanted = {s.name for s in group}
+    for link in build.glob("generate@*"):
+        if link.is_symlink() and link.name not in wanted:
+            link.unlink()
+    for stage in group:
+        link = build / stage.name
+        target = Path("generate") / stage.param
+        if not (link.is_symlink() and Path(os.readlink(link)) == target):
+            if link.is_symlink():
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
 
 
 CHECK_DELTAS = ("stop_rate", "prompt_strict", "prompt_loose", "constraint_strict", "constraint_loose",

@@ -24,13 +24,14 @@ from builder.versions import library_version
 # (export.merge: false) publishes a placeholder, and `quantize` and `eval` each run every type the
 # recipe lists (quantize@T in build/<recipe>/quantize/T/), building only the types whose key is new.
 PIPELINE: dict[str, tuple[str, ...]] = {
-    "base": (), "dataset": ("base",), "train": ("base", "dataset"), "merge": ("base", "train"),
+    "generate": (), "base": (), "dataset": ("base", "generate"), "train": ("base", "dataset"), "merge": ("base", "train"),
     "gguf": ("merge",), "quantize": ("gguf",), "eval": ("gguf", "quantize", "dataset"),
 }
-GROUPED = ("quantize", "eval")  # kinds with one stage per type, all in one DVC stage
-CODE_VERSIONS = {"base": 1, "dataset": 5, "train": 3, "merge": 2, "gguf": 1, "quantize": 1, "eval": 2}
+GROUPED = ("generate", "quantize", "eval")  # kinds with one stage per source or type, all in one DVC stage
+CODE_VERSIONS = {"generate": 1, "base": 1, "dataset": 5, "train": 3, "merge": 2, "gguf": 1, "quantize": 1, "eval": 2}
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
+    "generate": ("llama_cpp_python",),  # an in-process teacher's sampling
     "base": ("tokenizers", "torch", "transformers", "safetensors"),
     "dataset": ("jinja2", "pyarrow", "tokenizers", "transformers"),
     "train": ("accelerate", "peft", "torch", "transformers", "safetensors"),
@@ -104,6 +105,28 @@ def _evaluation_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
             **({"lm_eval": library_version("lm_eval")} if spec.tasks else {})}
 
 
+def served_identity(served: dict, root: Path, stat: StatCache) -> dict:
+    """A teacher's identity in keys: a GGUF file's digest, or the served model's name and
+    pinned revision (never the URL it is served from, nor any API key)."""
+    if served.get("gguf"):
+        return {"gguf": stat.digest(root / served["gguf"])}
+    return {"openai": {k: v for k, v in served["openai"].items() if k != "base_url"}}
+
+
+def _generate_stages(recipe: Recipe, root: Path, stat: StatCache) -> list[Stage]:
+    """One generate@<source> per generated source. Its key is what it writes: the generate section
+    (the teacher by identity), the seed tasks' digest; not the source's name or weight."""
+    stages = []
+    for source in recipe.sources:
+        if source.generate is None:
+            continue
+        section = source.generate.model_dump(mode="json")
+        section["teacher"] = served_identity(section["teacher"], root, stat)
+        stages.append(_stage(recipe, f"generate@{source.name}", [], {"generate": section},
+                             {"seed_tasks": stat.digest(root / source.generate.seed_tasks)}))
+    return stages
+
+
 def _stage(recipe: Recipe, name: str, upstream: list[Stage], slice_: dict, extra: dict) -> Stage:
     kind = name.split("@")[0]
     inputs = {
@@ -126,11 +149,13 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     base = _stage(recipe, "base", [], recipe.slice("base"), {"model": _base_identity(recipe, root, stat)})
     template = _template_identity(recipe, root, stat)  # read by dataset, merge and eval@base
     # Inline rows are in the recipe slice; a hub source is pinned by the revision in its path.
+    # A generated source is read from its generate stage's output: that stage's key stands for it.
     sources = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {} for s in recipe.sources}
+    generated = _generate_stages(recipe, root, stat)
     benchmarks = {p: stat.digest(root / p) for p in (recipe.decontaminate.files if recipe.decontaminate else ())}
     # no_end_of_turn joins the key only off its default, so keys built before the key existed stay.
     eot = recipe.slice("no_end_of_turn") if recipe.no_end_of_turn != "append_eos" else {}
-    dataset = _stage(recipe, "dataset", [base],
+    dataset = _stage(recipe, "dataset", [*generated, base],
                      {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"), **eot,
                       "train": {k: recipe.train.model_dump(mode="json")[k] for k in ("train_on", "max_length")}},
                      {"files": sources, "template": template,
@@ -138,7 +163,7 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     train = _stage(recipe, "train", [base, dataset], recipe.slice("train"), {})
     # Read (and so watched by resolve) whether or not the recipe exports: dvc.yaml stays the same.
     evaluation = _evaluation_identity(recipe, root, stat)
-    stages = [base, dataset, train]
+    stages = [*generated, base, dataset, train]
     if recipe.export.merge:
         merge = _stage(recipe, "merge", [base, train],
                        {**recipe.slice("template"), "merge_dtype": recipe.export.merge_dtype},

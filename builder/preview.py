@@ -44,9 +44,9 @@ class Shown:
     appended: tuple[tuple[int, int], ...] = ()  # text tunefile added (EOS after answers, no_end_of_turn)
 
 
-def pick_conversations(recipe: Recipe, root: Path, n: int) -> list[Conversation]:
+def pick_conversations(project: Project, recipe: Recipe, n: int) -> list[Conversation]:
     """The first n conversations, round-robin over the sources, as read (the build adds the system prompt)."""
-    pools = [read_source(spec, root)[0] for spec in recipe.sources]
+    pools = [read_source(spec, project.root)[0] for spec in project.readable_sources(recipe)]
     picked: list[Conversation] = []
     for i in range(max((len(p) for p in pools), default=0)):
         for pool in pools:
@@ -87,11 +87,11 @@ def render_examples(project: Project, recipe: Recipe, n: int, show_tokens: bool)
     template = read_template(recipe.template, project.root, base_dir)
     tokenizer = load_tokenizer(project, recipe)
     variables = template_tokens(tokenizer)
-    picked = pick_conversations(recipe, project.root, n)
+    picked = pick_conversations(project, recipe, n)
     # The dataset stage's own path from conversations to examples: filters, system prompt,
     # template, no_end_of_turn policy, tokens and token filters (dedup and mixing aside).
     built: dict[tuple[str, str, int], object] = {}
-    for spec in recipe.sources:
+    for spec in project.readable_sources(recipe):
         settings = shard_settings(recipe, spec, template, base_dir, project.cache_dir, "", {})
         examples, rejects = examples_of(settings, [c for c in picked if c.source == spec.name], tokenizer)
         built.update(((c.source, c.file, c.row), c) for c in examples.conversations)

@@ -15,12 +15,13 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from builder.errors import RecipeError
-from builder.recipe import NAME_PATTERN, Recipe, format_errors, load_recipe
+from builder.recipe import NAME_PATTERN, Recipe, SourceSpec, format_errors, load_recipe
 from builder.yamlfile import YamlDoc, load_yaml
 
 PARAMS_FILE = "params.yaml"
 RECIPES_DIR = "recipes"
 BUILD_DIR = "build"
+GENERATED_FILE = "generated.jsonl"  # what a generate@<source> stage writes
 
 
 class Launch(BaseModel):
@@ -95,6 +96,13 @@ class Project:
         quantize@q8_0 -> build/<recipe>/quantize/q8_0 (one DVC out holds every type)."""
         kind, _, param = stage.partition("@")
         return self.build_dir(recipe) / kind / param if param else self.build_dir(recipe) / stage
+
+    def readable_sources(self, recipe: Recipe) -> tuple[SourceSpec, ...]:
+        """The recipe's sources as the dataset stage reads them: a generated source is the
+        generated.jsonl its generate@<source> stage wrote (a file source from there on)."""
+        return tuple(s.model_copy(update={"generate": None, "path": project_path(
+            self.stage_dir(recipe.name, f"generate@{s.name}") / GENERATED_FILE, self.root)})
+            if s.generate is not None else s for s in recipe.sources)
 
     def specs_dir(self, recipe: str) -> Path:
         return self.build_dir(recipe) / "specs"

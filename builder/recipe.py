@@ -60,10 +60,76 @@ FORMAT_FIELDS = {
 }
 
 
+class OpenAIEndpoint(Strict):
+    base_url: str = Field(pattern=r"^https?://")  # not part of any key: the same model served elsewhere
+    model: str = Field(min_length=1)
+    revision: Optional[str] = None  # pin what the name serves (part of the key)
+
+
+class ServedModel(Strict):
+    """A model tunefile asks for text: a GGUF file run in process, or an OpenAI-compatible endpoint."""
+    gguf: Optional[str] = None
+    openai: Optional[OpenAIEndpoint] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ServedModel":
+        if (self.gguf is None) == (self.openai is None):
+            raise ValueError("takes exactly one of gguf: PATH or openai: {base_url, model}")
+        if self.gguf is not None and not self.gguf.endswith(".gguf"):
+            raise ValueError(f"gguf: '{self.gguf}' is not a .gguf file")
+        return self
+
+
+class SamplingSpec(Strict):
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=1024, ge=1, le=32768)
+
+
+class GenerateSpec(Strict):
+    """Self-Instruct (Wang et al., 2023): a teacher writes new tasks from sampled seed and generated
+    ones, the paper's filters drop weak and near-duplicate instructions, then the teacher writes
+    each kept task's instances (classification tasks output-first). See docs/generation.md."""
+    method: Literal["self_instruct"] = "self_instruct"
+    seed_tasks: str  # .jsonl in the Self-Instruct seed format: instruction, instances, is_classification
+    count: int = Field(gt=0)  # tasks to keep
+    teacher: ServedModel
+    sampling: SamplingSpec = SamplingSpec()
+    rouge_l_max: float = Field(default=0.7, gt=0, le=1)  # keep an instruction only below this ROUGE-L F
+    min_words: int = Field(default=4, ge=1)    # instruction length bounds, in words
+    max_words: int = Field(default=150, ge=1)
+    prompt_instructions: int = Field(default=8, ge=2, le=16)  # examples per instruction prompt
+    prompt_generated: int = Field(default=2, ge=0)  # of which generated ones, once there are enough
+    requests_per_round: int = Field(default=8, ge=1, le=1024)  # prompts built from the same kept set
+    max_requests: Optional[int] = Field(default=None, gt=0)  # instruction requests (default 10 x count)
+    seed: int = 0
+
+    @field_validator("seed_tasks")
+    @classmethod
+    def _check_seed_tasks(cls, value: str) -> str:
+        if not value.endswith(".jsonl"):
+            raise ValueError(f"'{value}' is not a .jsonl file of seed tasks")
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "GenerateSpec":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} is above max_words {self.max_words}")
+        if self.prompt_generated >= self.prompt_instructions:
+            raise ValueError("prompt_generated must leave room for seed tasks in each prompt "
+                             f"(below prompt_instructions {self.prompt_instructions})")
+        return self
+
+    @property
+    def request_cap(self) -> int:
+        return self.max_requests or 10 * self.count
+
+
 class SourceSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     path: Optional[str] = None      # a local file or glob, or hf:org/name@revision
     examples: Optional[tuple[dict, ...]] = None  # inline rows in the source's format
+    generate: Optional[GenerateSpec] = None  # or rows a teacher writes (stage generate@<name>)
     format: Literal[FORMAT_NAMES]  # type: ignore[valid-type]
     fields: dict[str, str] = {}     # canonical field name -> the column that holds it
     split: Optional[str] = None     # hf: only (default train)
@@ -87,9 +153,11 @@ class SourceSpec(Strict):
 
     @model_validator(mode="after")
     def _check_source(self) -> "SourceSpec":
-        if (self.path is None) == (self.examples is None):
-            raise ValueError(f"source '{self.name}' needs exactly one of path (a file, glob or hf:...) "
-                             "and examples (inline rows)")
+        if sum(x is not None for x in (self.path, self.examples, self.generate)) != 1:
+            raise ValueError(f"source '{self.name}' needs exactly one of path (a file, glob or hf:...), "
+                             "examples (inline rows) and generate (rows a teacher writes)")
+        if self.generate is not None and self.format != "self_instruct":
+            raise ValueError(f"source '{self.name}': generate writes Self-Instruct rows; set format: self_instruct")
         if not self.is_hub and (self.split is not None or self.subset is not None):
             raise ValueError("split and subset apply to hub datasets (path: hf:org/name@revision) only")
         unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
@@ -206,21 +274,8 @@ class ExportSpec(Strict):
         return self
 
 
-class OpenAIEndpoint(Strict):
-    base_url: str = Field(pattern=r"^https?://")  # not part of any key: the same model served elsewhere
-    model: str = Field(min_length=1)
-    revision: Optional[str] = None  # pin what the name serves (part of the key)
-
-
-class JudgeSpec(Strict):
-    gguf: Optional[str] = None  # a judge GGUF file run in process
-    openai: Optional[OpenAIEndpoint] = None  # or an OpenAI-compatible chat endpoint
-
-    @model_validator(mode="after")
-    def _one_judge(self) -> "JudgeSpec":
-        if (self.gguf is None) == (self.openai is None):
-            raise ValueError("evaluate.judge takes exactly one of gguf: PATH or openai: {base_url, model}")
-        return self
+class JudgeSpec(ServedModel):
+    """A judge GGUF file run in process, or an OpenAI-compatible chat endpoint."""
 
 
 class EvaluateSpec(Strict):
@@ -281,6 +336,9 @@ class Recipe(Strict):
     def slice(self, *keys: str) -> dict:
         """The JSON-able part of the recipe under `keys` (what a stage reads), annotations dropped."""
         data = self.model_dump(mode="json", exclude=set(ANNOTATION_KEYS))
+        for source in data["sources"]:  # keys added after sources had keys join them only when set
+            if source["generate"] is None:
+                del source["generate"]
         return {k: data[k] for k in keys}
 
 
@@ -323,6 +381,14 @@ def _check_files(doc: YamlDoc, recipe: Recipe, root: Path) -> list[str]:
         if source.path is not None and not source.is_hub and not glob.glob(str(root / source.path)):
             problems.append(f"{doc.where(('sources', i, 'path'))}: source '{source.name}': "
                             f"no file matches '{source.path}' (relative to {root})")
+        if source.generate is not None:
+            where, generate = ("sources", i, "generate"), source.generate
+            if not (root / generate.seed_tasks).is_file():
+                problems.append(f"{doc.where((*where, 'seed_tasks'))}: source '{source.name}': seed tasks "
+                                f"'{generate.seed_tasks}' not found (relative to {root})")
+            if generate.teacher.gguf is not None and not (root / generate.teacher.gguf).is_file():
+                problems.append(f"{doc.where((*where, 'teacher', 'gguf'))}: source '{source.name}': teacher "
+                                f"'{generate.teacher.gguf}' not found (relative to {root})")
     model, folder = recipe.base.model, recipe.base.ref.folder
     if folder is not None and not (root / folder / "config.json").is_file():
         problems.append(f"{doc.where(('base', 'model'))}: base.model '{model}' is not an HF model "

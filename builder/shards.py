@@ -68,7 +68,8 @@ def shard_settings(recipe, spec: SourceSpec, template: str, base_dir: Path, cach
 
     key = hash_value({
         "version": SHARD_VERSION,
-        "source": spec.model_dump(mode="json", exclude={"weight", "max_examples", "epochs", "eval_fraction"}),
+        # generate: a generated source is read as the file its stage wrote (readable_sources)
+        "source": spec.model_dump(mode="json", exclude={"weight", "max_examples", "epochs", "eval_fraction", "generate"}),
         "template": hash_text(template),
         "tokenizer": base_key,
         "filters": recipe.filters.model_dump(mode="json"),

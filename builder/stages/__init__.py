@@ -31,7 +31,7 @@ from builder.recipe import Recipe
 
 MANIFEST = "manifest.json"
 _HELD_LOCKS: dict[str, int] = {}  # lock path -> depth, so a build can run stages under its own lock
-MODULES = {"base": "base", "dataset": "dataset", "train": "train", "merge": "merge", "gguf": "gguf",
+MODULES = {"generate": "generate", "base": "base", "dataset": "dataset", "train": "train", "merge": "merge", "gguf": "gguf",
            "quantize": "quantize", "eval": "evaluate"}
 
 

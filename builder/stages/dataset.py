@@ -58,7 +58,7 @@ def load_sources(ctx: StageContext, template: str) -> dict[str, SourceRows]:
     """Every source's usable examples, chunk by chunk from the store or built by the worker pool."""
     sources = {}
     with ChunkBuilder(ctx.project.params.dataset_workers) as builder:
-        for spec in ctx.recipe.sources:
+        for spec in ctx.project.readable_sources(ctx.recipe):
             settings = shard_settings(ctx.recipe, spec, template, ctx.input_dir("base"), ctx.project.cache_dir,
                                       ctx.plan["base"].key, ctx.stage.inputs["libraries"])
             chunks = builder.load(settings, ctx.project.root)
