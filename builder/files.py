@@ -26,3 +26,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 def write_json(path: Path, value: object, indent: int | None = 1) -> None:
     """Sorted keys, UTF-8, a final newline: the same value gives the same bytes."""
     write_atomic(path, json.dumps(value, sort_keys=True, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One sorted-key JSON object per line, UTF-8: the same records give the same bytes."""
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records))

@@ -16,16 +16,10 @@ variable params.yaml names and goes into no recipe, key, log or file.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-from builder.errors import StageError
 
 JUDGE_PROMPT = """Please act as an impartial judge and evaluate the quality of the responses provided by two AI \
 assistants to the user question displayed below. Choose the assistant that follows the user's instructions and \
@@ -84,57 +78,32 @@ def win_rate(scores: list[float], seed: int = 0) -> tuple[float | None, list[flo
 class GgufJudge:
     """A judge GGUF run in process by llama-cpp-python (its own chat template), greedy."""
 
-    def __init__(self, path, n_ctx: int = 2048):  # noqa: ANN001
-        import llama_cpp
+    def __init__(self, path):  # noqa: ANN001
+        from builder.served import GgufModel
 
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, seed=0, verbose=False)
+        self.model = GgufModel(path, "evaluate.judge")
 
     def ask(self, prompt: str) -> str:
-        self.llm.reset()
-        reply = self.llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
-                                                max_tokens=JUDGE_MAX_TOKENS, temperature=0.0, seed=0)
-        return reply["choices"][0]["message"]["content"] or ""
+        return self.model.chat(prompt, max_tokens=JUDGE_MAX_TOKENS, temperature=0.0, seed=0).text
 
     def close(self) -> None:
-        self.llm.close()
+        self.model.close()
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, OpenAI): explicit
-    timeouts, retries with backoff, a clear error within seconds when nothing listens."""
+    """An OpenAI-compatible chat endpoint (builder/served.py: timeouts, retries with backoff, a
+    clear error within seconds when nothing listens), greedy."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, retries: int):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout, self.retries = model, timeout_s, retries
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        from builder.served import HttpModel
+
+        self.model = HttpModel(base_url, model, api_key, timeout_s, retries, "evaluate.judge")
 
     def ask(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0.0, "max_tokens": JUDGE_MAX_TOKENS, "seed": 0}).encode()
-        for attempt in range(self.retries + 1):
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as exc:
-                if exc.code in (401, 403):
-                    raise StageError(f"evaluate.judge: {self.url} refused the request ({exc.code}); check the API key "
-                                     "variable named in params.yaml endpoints.api_key_env") from None
-                if exc.code < 500 and exc.code != 429 or attempt == self.retries:
-                    raise StageError(f"evaluate.judge: {self.url} answered {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(reason, ConnectionRefusedError) or attempt == self.retries:
-                    raise StageError(f"evaluate.judge: cannot reach {self.url} ({reason}); start the server or fix "
-                                     "evaluate.judge.openai.base_url") from None
-            except (KeyError, IndexError, ValueError) as exc:
-                raise StageError(f"evaluate.judge: {self.url} did not answer like an OpenAI chat endpoint "
-                                 f"({type(exc).__name__})") from None
-            time.sleep(min(2 ** attempt * 0.5, 8.0))
-        raise AssertionError("unreachable")
+        return self.model.chat(prompt, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS, seed=0).text
 
     def close(self) -> None:
-        pass
+        self.model.close()
 
 
 def judge_pairs(judge, identity: str, pairs: list[Pair], cache, concurrency: int = 1) -> tuple[dict, list[dict]]:  # noqa: ANN001

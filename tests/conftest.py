@@ -58,25 +58,36 @@ class CannedChat:
     """An OpenAI-compatible /v1/chat/completions server on 127.0.0.1, written for the tests: it
     answers with reply(prompt) and records every request (path, headers, body)."""
 
-    def __init__(self, reply, fail_first: int = 0):  # noqa: ANN001
+    def __init__(self, reply, fail_first: int = 0, answer_at_most: int | None = None):  # noqa: ANN001
         import http.server
         import threading
 
         canned = self
         self.requests, self.fail_first = [], fail_first
+        # After `answer_at_most` answers, requests wait (unanswered) until release(): a test kills its client then.
+        self.answer_at_most, self.gate, self.lock = answer_at_most, threading.Event(), threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                canned.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                record = {"path": self.path, "headers": dict(self.headers), "body": body}
+                canned.requests.append(record)
                 if canned.fail_first > 0:
                     canned.fail_first -= 1
                     self.send_response(503)
                     self.end_headers()
                     return
+                with canned.lock:
+                    hold = canned.answer_at_most is not None and canned.answered() >= canned.answer_at_most
+                    if not hold:
+                        record["answered"] = True
+                if hold:
+                    canned.gate.wait()
+                    return
                 text = reply(body["messages"][-1]["content"])
+                usage = {"prompt_tokens": len(body["messages"][-1]["content"].split()), "completion_tokens": len(text.split())}
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
-                                                "finish_reason": "stop"}]}).encode()
+                                                "finish_reason": "stop"}], "usage": usage}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -91,6 +102,17 @@ class CannedChat:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def release(self) -> None:
+        self.answer_at_most = None
+        self.gate.set()
+
+    def answered(self) -> int:
+        return sum(1 for r in self.requests if r.get("answered"))
+
+    def prompts(self, answered_only: bool = False) -> list[str]:
+        return [r["body"]["messages"][-1]["content"] for r in self.requests if r.get("answered") or not answered_only]
+
     def close(self) -> None:
+        self.gate.set()
         self.server.shutdown()
         self.server.server_close()
