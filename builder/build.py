@@ -134,15 +134,18 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
         if kind == "eval":
             from builder.report import write_eval_png
 
-            metrics = eval_metrics(project, group)
+            metrics = eval_metrics(project, group, plan.get("preference"))
             write_json(folder / "metrics.json", metrics)
             write_eval_png(metrics, folder / "metrics.png")
     elif not group:
+        section = "preference" if kind in ("pairs", "preference") else "export"
         placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
-                       "not_built": f"{recipe.name} builds no {kind} stage (see its export section)"}
+                       "not_built": f"{recipe.name} builds no {kind} stage (see its {section} section)"}
         if read_manifest(folder) != placeholder:
             shutil.rmtree(folder, ignore_errors=True)
             write_json(folder / "manifest.json", placeholder)
+            if kind == "preference":  # dvc.yaml lists its metrics for every recipe
+                write_json(folder / "metrics.json", {})
 
 
 def _link_generated(project: Project, recipe: Recipe, group: list[Stage]) -> None:
@@ -167,11 +170,14 @@ CHECK_DELTAS = ("stop_rate", "prompt_strict", "prompt_loose", "constraint_strict
                 "answer_tokens_mean")
 
 
-def eval_metrics(project: Project, evals: list[Stage]) -> dict[str, dict]:
+def eval_metrics(project: Project, evals: list[Stage], preference: Stage | None = None) -> dict[str, dict]:
     """Every eval's metrics by type; each tuned file's with `vs_base`: its numbers against the base
     model's, measured on the same items by the same code. Perplexity as a ratio and a delta (< 1,
-    < 0: tuning helped); the instruction checks, the stop rate and every task metric as base and delta."""
+    < 0: tuning helped); the instruction checks, the stop rate and every task metric as base and delta.
+    With preference tuning, each tuned file also gets `preference`: the held-out pairs' accuracy and
+    margin of the SFT model and of the model after DPO (what the preference stage measured)."""
     metrics = {s.param: _read_metrics(project, s) for s in evals}
+    held_out = (_read_metrics(project, preference).get("held_out") or {}) if preference is not None else {}
     base = metrics.get("base") or {}
     out = {}
     for name, m in metrics.items():
@@ -179,6 +185,8 @@ def eval_metrics(project: Project, evals: list[Stage]) -> dict[str, dict]:
             out[name] = {**m, "vs_base": _versus(m, base)}
         else:
             out[name] = m
+        if name != "base" and held_out:
+            out[name] = {**out[name], "preference": held_out}
     return out
 
 
@@ -216,5 +224,5 @@ def quant_report(project: Project, recipe_name: str) -> tuple[dict, dict[str, di
     stale = [s.name for s in [plan["train"], *evals] if not is_built(project, s)]
     if stale:
         raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {recipe_name}`")
-    metrics = eval_metrics(project, evals)
+    metrics = eval_metrics(project, evals, plan.get("preference"))
     return _read_metrics(project, plan["train"]), {"base" if t == "base" else f"model-{t}.gguf": m for t, m in metrics.items()}

@@ -1,4 +1,4 @@
-"""Starting the train stage under `accelerate launch`, from params.yaml's `launch` settings.
+"""Starting the train (and preference) stage under `accelerate launch`, from params.yaml's `launch` settings.
 
 `dvc.yaml` calls `tunefile stage train R` whatever the machine: launch settings are machine-level
 and in no key, so a colleague with 8 GPUs and one with a laptop share dvc.yaml and dvc.lock, and
@@ -34,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(project: Project, recipe: str) -> list[str]:
+def launch_command(project: Project, recipe: str, kind: str = "train") -> list[str]:
     launch = project.params.launch
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if launch.config_file is not None:
@@ -50,15 +50,15 @@ def launch_command(project: Project, recipe: str) -> list[str]:
         # ranks run on CPU with gloo. A free port, so two builds on one machine do not collide.
         cmd += ["--multi_gpu", "--num_processes", str(launch.num_processes), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    return cmd + ["-m", "builder", "stage", "train", recipe]
+    return cmd + ["-m", "builder", "stage", kind, recipe]
 
 
-def run_launched(project: Project, recipe: str, lock_path: str) -> None:
-    """Run the train stage of `recipe` under accelerate launch; raise if any rank failed."""
-    cmd = launch_command(project, recipe)
+def run_launched(project: Project, recipe: str, kind: str, lock_path: str) -> None:
+    """Run stage `kind` (train or preference) of `recipe` under accelerate launch; raise if any rank failed."""
+    cmd = launch_command(project, recipe, kind)
     env = {**os.environ, LAUNCHED_ENV: lock_path}
-    print(f"{recipe}/train: accelerate launch {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+    print(f"{recipe}/{kind}: accelerate launch {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, cwd=project.root, env=env)
     if done.returncode != 0:
-        raise StageError(f"{recipe}/train under accelerate launch exited with status {done.returncode} "
+        raise StageError(f"{recipe}/{kind} under accelerate launch exited with status {done.returncode} "
                          "(its output is above)")

@@ -23,18 +23,25 @@ from builder.versions import library_version
 # is the same whatever a recipe says, so no recipe edit changes dvc.yaml: a kind the recipe turns off
 # (export.merge: false) publishes a placeholder, and `quantize` and `eval` each run every type the
 # recipe lists (quantize@T in build/<recipe>/quantize/T/), building only the types whose key is new.
+# `pairs` and `preference` (preference tuning after SFT) are placeholders for a recipe without a
+# preference section; merge reads the last training stage: preference when there is one, else train.
 PIPELINE: dict[str, tuple[str, ...]] = {
-    "generate": (), "base": (), "dataset": ("base", "generate"), "train": ("base", "dataset"), "merge": ("base", "train"),
-    "gguf": ("merge",), "quantize": ("gguf",), "eval": ("gguf", "quantize", "dataset"),
+    "generate": (), "base": (), "dataset": ("base", "generate"), "pairs": ("base",), "train": ("base", "dataset"),
+    "preference": ("base", "train", "pairs"), "merge": ("base", "train", "preference"),
+    "gguf": ("merge",), "quantize": ("gguf",), "eval": ("gguf", "quantize", "dataset", "preference"),
 }
 GROUPED = ("generate", "quantize", "eval")  # kinds with one stage per source or type, all in one DVC stage
-CODE_VERSIONS = {"generate": 1, "base": 1, "dataset": 5, "train": 3, "merge": 2, "gguf": 1, "quantize": 1, "eval": 2}
+CODE_VERSIONS = {"generate": 1, "base": 1, "dataset": 5, "pairs": 1, "train": 3, "preference": 1, "merge": 2, "gguf": 1,
+                 "quantize": 1, "eval": 2}
+TRAINED = ("train", "preference")  # kinds that train (and may run under `accelerate launch`)
 # The libraries whose versions can change each stage's bytes.
 LIBRARIES = {
     "generate": ("llama_cpp_python",),  # an in-process teacher's sampling
     "base": ("tokenizers", "torch", "transformers", "safetensors"),
     "dataset": ("jinja2", "pyarrow", "tokenizers", "transformers"),
+    "pairs": ("jinja2", "pyarrow", "tokenizers", "transformers"),
     "train": ("accelerate", "peft", "torch", "transformers", "safetensors"),
+    "preference": ("accelerate", "peft", "torch", "transformers", "safetensors"),
     "merge": ("peft", "torch", "transformers", "safetensors"),
     "gguf": ("llama_cpp_python",),
     "quantize": ("llama_cpp_python",),
@@ -127,6 +134,22 @@ def _generate_stages(recipe: Recipe, root: Path, stat: StatCache) -> list[Stage]
     return stages
 
 
+def _preference_stages(recipe: Recipe, root: Path, stat: StatCache, base: Stage, train: Stage, template: dict,
+                       eot: dict) -> tuple[Stage, Stage]:
+    """`pairs` renders and tokenizes the preference sources (what its key reads: the sources and
+    their files, the template and tokenizer, max_length and the held-out split); `preference`
+    trains on them over the SFT model. Editing beta or lr reruns preference alone, not pairs."""
+    section = recipe.slice("preference")["preference"]
+    files = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {} for s in recipe.preference.sources}
+    split = ("sources", "max_length", "eval_fraction", "eval_size")
+    pairs = _stage(recipe, "pairs", [base], {"preference": {k: section[k] for k in split},
+                                             **recipe.slice("template", "system_prompt"), **eot},
+                   {"files": files, "template": template})
+    training = {k: v for k, v in section.items() if k not in split}
+    preference = _stage(recipe, "preference", [base, train, pairs], {"preference": training}, {})
+    return pairs, preference
+
+
 def _stage(recipe: Recipe, name: str, upstream: list[Stage], slice_: dict, extra: dict) -> Stage:
     kind = name.split("@")[0]
     inputs = {
@@ -164,8 +187,15 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     # Read (and so watched by resolve) whether or not the recipe exports: dvc.yaml stays the same.
     evaluation = _evaluation_identity(recipe, root, stat)
     stages = [*generated, base, dataset, train]
+    tuned = train  # the last training stage: what merge folds into the base
+    if recipe.preference is not None:
+        pairs, preference = _preference_stages(recipe, root, stat, base, train, template, eot)
+        stages[-1:-1] = [pairs]
+        stages.append(preference)
+        tuned = preference
     if recipe.export.merge:
-        merge = _stage(recipe, "merge", [base, train],
+        # Without a preference section merge reads [base, train] exactly as before: its key is unchanged.
+        merge = _stage(recipe, "merge", [base, train, *([tuned] if tuned is not train else [])],
                        {**recipe.slice("template"), "merge_dtype": recipe.export.merge_dtype},
                        {"template": template})
         stages.append(merge)

@@ -246,6 +246,40 @@ class TrainSpec(Strict):
     seed: int = 0
 
 
+class PreferenceSpec(Strict):
+    """Preference tuning after SFT (stages `pairs` and `preference`): DPO (Rafailov et al., 2023) on
+    prompt/chosen/rejected pairs, a LoRA adapter (train.lora's shape) over the SFT model, whose
+    reference is the SFT model itself (the adapter disabled). See docs/training.md."""
+    method: Literal["dpo"] = "dpo"
+    sources: tuple[SourceSpec, ...] = Field(min_length=1)  # format: preference
+    beta: float = Field(default=0.1, gt=0)  # strength of the pull towards the reference model
+    lr: float = Field(default=5e-6, gt=0)
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # pairs per optimizer step
+    max_length: int = Field(default=512, gt=8)  # prompt + answer tokens; longer answers are cut
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    max_grad_norm: Optional[float] = Field(default=1.0, gt=0)
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1)  # held-out pairs, by each pair's own hash
+    eval_size: Optional[int] = Field(default=None, ge=0)  # instead of eval_fraction: this many
+    eval_steps: Optional[int] = Field(default=None, gt=0)  # held-out terms every N steps (and at 0 and the end)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "PreferenceSpec":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"preference source names repeat: {names}")
+        for source in self.sources:
+            if source.format != "preference":
+                raise ValueError(f"preference source '{source.name}' has format {source.format}; "
+                                 "preference pairs are read with format: preference (prompt, chosen, rejected)")
+            if source.generate is not None or source.epochs is not None:
+                raise ValueError(f"preference source '{source.name}': generate and epochs apply to "
+                                 "`sources` only; every pair is used once per preference epoch")
+        return self
+
+
 class GgufSpec(Strict):
     dtype: Literal[GGUF_DTYPES] = "f16"  # type: ignore[valid-type]
     quantize: tuple[str, ...] = ()
@@ -311,6 +345,7 @@ class Recipe(Strict):
     train: TrainSpec = TrainSpec()
     export: ExportSpec = ExportSpec()
     evaluate: Optional[EvaluateSpec] = None
+    preference: Optional[PreferenceSpec] = None  # a second training stage on top of `train`
 
     @field_validator("template")
     @classmethod
@@ -328,6 +363,9 @@ class Recipe(Strict):
         if self.mixture.size is not None and any(s.epochs is not None for s in self.sources):
             raise ValueError("sources[].epochs sets passes over a source when mixture.size is omitted; "
                              "with mixture.size, weights decide each source's share")
+        if self.preference is not None and self.train.method == "qlora":
+            raise ValueError("preference trains over the SFT model merged in memory, which a 4-bit QLoRA "
+                             "base cannot hold; use train.method: lora (or full) with a preference section")
         if self.mixture.eval_size is not None and any(s.eval_fraction is not None for s in self.sources):
             raise ValueError("mixture.eval_size picks the eval split over all sources; drop "
                              "sources[].eval_fraction or use mixture.eval_fraction")
@@ -336,8 +374,8 @@ class Recipe(Strict):
     def slice(self, *keys: str) -> dict:
         """The JSON-able part of the recipe under `keys` (what a stage reads), annotations dropped."""
         data = self.model_dump(mode="json", exclude=set(ANNOTATION_KEYS))
-        for source in data["sources"]:  # keys added after sources had keys join them only when set
-            if source["generate"] is None:
+        for source in data["sources"] + list((data["preference"] or {}).get("sources", ())):
+            if source["generate"] is None:  # keys added after sources had keys join them only when set
                 del source["generate"]
         return {k: data[k] for k in keys}
 
@@ -377,10 +415,13 @@ def format_errors(doc: YamlDoc, exc: ValidationError, model: type[BaseModel]) ->
 def _check_files(doc: YamlDoc, recipe: Recipe, root: Path) -> list[str]:
     """Problems with files the recipe names (checked before any slow work starts)."""
     problems = []
-    for i, source in enumerate(recipe.sources):
+    pairs = recipe.preference.sources if recipe.preference is not None else ()
+    for where, source in [*((("sources", i), s) for i, s in enumerate(recipe.sources)),
+                          *((("preference", "sources", i), s) for i, s in enumerate(pairs))]:
         if source.path is not None and not source.is_hub and not glob.glob(str(root / source.path)):
-            problems.append(f"{doc.where(('sources', i, 'path'))}: source '{source.name}': "
+            problems.append(f"{doc.where((*where, 'path'))}: source '{source.name}': "
                             f"no file matches '{source.path}' (relative to {root})")
+    for i, source in enumerate(recipe.sources):
         if source.generate is not None:
             where, generate = ("sources", i, "generate"), source.generate
             if not (root / generate.seed_tasks).is_file():

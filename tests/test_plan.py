@@ -95,7 +95,7 @@ def test_quant_table_matches_installed_llama_cpp():
         assert getattr(llama_cpp, quant_ftype_name(quant)) == ftype, quant
 
 
-KINDS = ["generate", "base", "dataset", "train", "merge", "gguf", "quantize", "eval"]
+KINDS = ["generate", "base", "dataset", "pairs", "train", "preference", "merge", "gguf", "quantize", "eval"]
 
 
 def test_resolve_writes_specs_only_when_keys_change(tmp_path, monkeypatch, capsys):
@@ -114,7 +114,8 @@ def test_resolve_writes_specs_only_when_keys_change(tmp_path, monkeypatch, capsy
     assert {p: p.stat().st_mtime_ns for p in specs.iterdir()} == stamps
     edit(root, "lr: 2.0e-4", "lr: 1.0e-4")
     assert main(["resolve"]) == 0
-    assert capsys.readouterr().out.split() == [w for k in KINDS[3:] for w in (f"default/{k}:", "key", "changed")]
+    after_train = [k for k in KINDS[4:] if k != "preference"]  # a recipe without preference tuning has none
+    assert capsys.readouterr().out.split() == [w for k in after_train for w in (f"default/{k}:", "key", "changed")]
     edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_m, q5_k_m]")  # one more type: two specs
     assert main(["resolve"]) == 0
     assert capsys.readouterr().out.split() == ["default/quantize:", "key", "changed", "default/eval:", "key", "changed"]

@@ -237,10 +237,12 @@ def test_a_recipe_without_export_builds_placeholders_for_the_dvc_outs(tmp_path, 
     root = make(tmp_path / "x", tiny_base)
     build_recipe(load_project(root), "r", None)
     build = root / "build/r"
-    for kind in ("merge", "gguf"):
+    for kind in ("pairs", "preference", "merge", "gguf", "quantize"):
         manifest = json.loads((build / kind / "manifest.json").read_text())
         assert manifest["key"] is None and "builds no" in manifest["not_built"]
-    assert sorted(p.name for p in (build / "quantize").iterdir()) == []
+    assert "see its preference section" in json.loads((build / "preference" / "manifest.json").read_text())["not_built"]
+    assert json.loads((build / "preference" / "metrics.json").read_text()) == {}  # dvc.yaml lists it for every recipe
+    assert sorted(p.name for p in (build / "quantize").iterdir()) == ["manifest.json"]
     assert json.loads((build / "eval" / "metrics.json").read_text()) == {}
 
 
@@ -254,7 +256,7 @@ def test_only_the_train_stage_runs_under_a_multi_process_launch(tmp_path, tiny_b
     recipe = project.load_recipe("r")
     plan = {s.name: s for s in plan_stages(recipe, project)}
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(StageError, match="only the train stage runs under a multi-process launch"):
+    with pytest.raises(StageError, match="only the train and preference stages run under a multi-process launch"):
         run_stage(project, recipe, plan["dataset"], plan)
 
 

@@ -25,14 +25,14 @@ from builder.cache import StageStore
 from builder.errors import StageError
 from builder.files import write_json
 from builder.launch import LAUNCHED_ENV, run_launched, wants_launch
-from builder.plan import Stage
+from builder.plan import TRAINED, Stage
 from builder.project import Project
 from builder.recipe import Recipe
 
 MANIFEST = "manifest.json"
 _HELD_LOCKS: dict[str, int] = {}  # lock path -> depth, so a build can run stages under its own lock
-MODULES = {"generate": "generate", "base": "base", "dataset": "dataset", "train": "train", "merge": "merge", "gguf": "gguf",
-           "quantize": "quantize", "eval": "evaluate"}
+MODULES = {"generate": "generate", "base": "base", "dataset": "dataset", "pairs": "pairs", "train": "train",
+           "preference": "preference", "merge": "merge", "gguf": "gguf", "quantize": "quantize", "eval": "evaluate"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def distributed_rank() -> int | None:
 
 
 def run_worker(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, Stage]) -> dict:
-    """A non-main rank of a multi-process train: it trains its share in a scratch folder, and
+    """A non-main rank of a multi-process train (or preference): it trains its share in a scratch folder, and
     the main rank alone publishes the stage (lock, temp folder, manifest, store)."""
     scratch = project.stage_dir(recipe.name, stage.name).with_name(f".{stage.name}.worker-{os.getpid()}")
     scratch.mkdir(parents=True, exist_ok=True)
@@ -170,8 +170,9 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
     store when its key was built before; return its manifest. Under a multi-process launch
     every rank trains; only rank 0 publishes, and nothing is restored (all ranks must train)."""
     rank = distributed_rank()
-    if rank is not None and stage.kind != "train":
-        raise StageError(f"only the train stage runs under a multi-process launch; run {stage.name} in one process")
+    if rank is not None and stage.kind not in TRAINED:
+        raise StageError(f"only the train and preference stages run under a multi-process launch; run {stage.name} "
+                         "in one process")
     if rank:
         return run_worker(project, recipe, stage, plan)
     with recipe_lock(project, recipe.name):
@@ -192,9 +193,9 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
             restored = rank is None and store.get(stage.key, tmp)
             if restored:
                 summary = (read_manifest(tmp) or {}).get("summary", {})
-            elif stage.kind == "train" and wants_launch(project):
+            elif stage.kind in TRAINED and wants_launch(project):
                 shutil.rmtree(tmp)  # rank 0 of the launch writes and publishes its own
-                run_launched(project, recipe.name, str(lock_path(project, recipe.name)))
+                run_launched(project, recipe.name, stage.kind, str(lock_path(project, recipe.name)))
                 return _launched_manifest(project, stage)
             else:
                 module = importlib.import_module(f"builder.stages.{MODULES[stage.kind]}")

@@ -30,6 +30,9 @@ def lineage_metadata(ctx: StageContext) -> dict[str, str]:
         "tunefile.base_key": ctx.plan["base"].key,
         "tunefile.dataset_key": ctx.plan["dataset"].key,
         "tunefile.train_key": ctx.plan["train"].key,
+        # Written only with preference tuning, so files of recipes without it keep their bytes.
+        **({"tunefile.pairs_key": ctx.plan["pairs"].key, "tunefile.preference_key": ctx.plan["preference"].key}
+           if "preference" in ctx.plan else {}),
         "tunefile.gguf_key": ctx.stage.key,
     }
 

@@ -1,5 +1,7 @@
 """merge stage: fold the adapter into the base weights and save an HF model whose tokenizer
-files carry the recipe's chat template (what the GGUF and every later user will see).
+files carry the recipe's chat template (what the GGUF and every later user will see). With
+preference tuning, the preference stage's adapter is folded in after the SFT one (merge reads the
+last training stage).
 
 The merge runs on CPU in fp32 from the base's full-precision files (a QLoRA adapter is folded
 into the dequantized base, never into 4-bit weights), then the model is saved in
@@ -21,20 +23,32 @@ def merge_dtype(asked: str, base_dir) -> str:  # noqa: ANN001
     return named if named in ("float32", "bfloat16", "float16") else "float32"
 
 
-def run(ctx: StageContext) -> dict:
+def load_sft_model(base_dir, train_dir):  # noqa: ANN001, ANN201
+    """The SFT model in fp32 on CPU: the train stage's adapter folded into the base, or the whole
+    model full fine-tuning saved."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    base_dir, train_dir = ctx.input_dir("base"), ctx.input_dir("train")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    template = read_template(ctx.recipe.template, ctx.project.root, base_dir)
     if (train_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, train_dir).merge_and_unload()
-    else:  # full fine-tuning saved the whole model
-        model = AutoModelForCausalLM.from_pretrained(train_dir, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, train_dir).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(train_dir, dtype=torch.float32)
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    base_dir = ctx.input_dir("base")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    template = read_template(ctx.recipe.template, ctx.project.root, base_dir)
+    model = load_sft_model(base_dir, ctx.input_dir("train"))
+    if "preference" in ctx.stage.upstream:  # the preference adapter sits on the SFT model
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ctx.input_dir("preference")).merge_and_unload()
     dtype = merge_dtype(ctx.recipe.export.merge_dtype, base_dir)
     model = model.to(getattr(torch, dtype))
     model.config.dtype = dtype

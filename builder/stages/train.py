@@ -126,11 +126,12 @@ def draw_epochs(examples: list, spec, pad_id: int, shuffle: bool) -> list[list[B
             for _ in range(spec.epochs)]
 
 
-def run(ctx: StageContext) -> dict:
+def make_accelerator(ctx: StageContext, seed: int):  # noqa: ANN201
+    """(accelerator, cuda, precision) for a training stage, seeded: params.yaml's device knob, then
+    train.precision (auto: bf16 or fp16 on CUDA, fp32 on CPU)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer, get_scheduler
 
     spec = ctx.recipe.train
     device_knob = ctx.project.params.device
@@ -141,8 +142,60 @@ def run(ctx: StageContext) -> dict:
         raise StageError("train.method: qlora needs a CUDA device (bitsandbytes 4-bit); use lora or full on CPU")
     precision = resolve_precision(spec.precision, cuda)
     # Order matters: seed before the model is built (LoRA init draws random numbers).
-    set_seed(spec.seed)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision)
+    set_seed(seed)
+    return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision), cuda, precision
+
+
+def restore_checkpoint(state: dict, model, accelerator, optimizer, scheduler, cuda: bool) -> None:  # noqa: ANN001
+    """Put a checkpoint's trainable weights, optimizer, schedule and RNG states back in place."""
+    import torch
+
+    named = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if cuda and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def checkpoint_state(model, accelerator, optimizer, scheduler, cuda: bool, **progress) -> dict:  # noqa: ANN001
+    """Everything the rest of a run depends on (see builder/checkpoints.py), with the run's progress."""
+    import torch
+
+    named = accelerator.unwrap_model(model).named_parameters()
+    return {"trainable": {n: p.detach().cpu().clone() for n, p in named if p.requires_grad},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            **progress}
+
+
+def save_adapter(model, out_dir, base_model: str) -> None:  # noqa: ANN001
+    """A peft adapter with stable bytes: peft writes target_modules in set order and the base as an
+    absolute path; the recipe's base.model is written instead."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card template
+    config_path = out_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = base_model
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path, header: str, rows: list[str]) -> None:  # noqa: ANN001
+    with open(path, "w") as f:
+        f.write(header + "\n")
+        f.writelines(row + "\n" for row in rows)
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from transformers import AutoTokenizer, get_scheduler
+
+    spec = ctx.recipe.train
+    accelerator, cuda, precision = make_accelerator(ctx, spec.seed)
     base_dir, data_dir = ctx.input_dir("base"), ctx.input_dir("dataset")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -176,15 +229,7 @@ def run(ctx: StageContext) -> dict:
     state = load_latest(folder)
     curve, evals, tokens, start = [], [], 0, 0
     if state is not None:
-        named = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if cuda and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_checkpoint(state, model, accelerator, optimizer, scheduler, cuda)
         curve, evals, tokens, start = state["curve"], state["evals"], state["tokens"], state["step"]
 
     started, tokens_now = time.time(), 0
@@ -220,36 +265,22 @@ def run(ctx: StageContext) -> dict:
         if spec.eval_steps and step % spec.eval_steps == 0 and step < len(steps):
             evals.append((step, evaluate_loss(model, eval_batches, accelerator.device)))
         if step % every == 0 and step < len(steps) and accelerator.is_main_process:
-            named = accelerator.unwrap_model(model).named_parameters()
-            save_checkpoint(folder, step, {
-                "trainable": {n: p.detach().cpu().clone() for n, p in named if p.requires_grad},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
-                "curve": curve, "evals": evals, "tokens": tokens})
+            save_checkpoint(folder, step, checkpoint_state(model, accelerator, optimizer, scheduler, cuda,
+                                                           curve=curve, evals=evals, tokens=tokens))
     seconds = time.time() - started
     eval_loss = evaluate_loss(model, eval_batches, accelerator.device)
     evals.append((len(steps), eval_loss))
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(ctx.out_dir, safe_serialization=True)
-    (ctx.out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card template
     if spec.method in ("lora", "qlora"):
-        # Stable bytes: peft writes target_modules in set order and the base as an absolute path.
-        config_path = ctx.out_dir / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["target_modules"] = sorted(config["target_modules"])
-        config["base_model_name_or_path"] = ctx.recipe.base.model
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_adapter(unwrapped, ctx.out_dir, ctx.recipe.base.model)
     else:
+        unwrapped.save_pretrained(ctx.out_dir, safe_serialization=True)
         tokenizer.save_pretrained(ctx.out_dir)
 
-    with open(ctx.out_dir / "loss.csv", "w") as f:
-        f.write("step,epoch,loss,lr\n")
-        f.writelines(f"{s},{e},{loss:.6f},{lr:.8g}\n" for s, e, loss, lr in curve)
-    with open(ctx.out_dir / "eval.csv", "w") as f:
-        f.write("step,eval_loss\n")
-        f.writelines(f"{s},{loss:.6f}\n" for s, loss in evals if loss is not None)
+    write_csv(ctx.out_dir / "loss.csv", "step,epoch,loss,lr", [f"{s},{e},{loss:.6f},{lr:.8g}" for s, e, loss, lr in curve])
+    write_csv(ctx.out_dir / "eval.csv", "step,eval_loss", [f"{s},{loss:.6f}" for s, loss in evals if loss is not None])
     padding = padding_report(train_examples, spec, pad_id, shuffle)  # the first epoch, packed and not
     padding["padding_fraction"] = padding["padding_fraction_packed" if spec.packing else "padding_fraction_unpacked"]
     metrics = {"steps": len(steps), "micro_batches": len(micro), "train_loss": round(curve[-1][2], 6),
