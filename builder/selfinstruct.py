@@ -127,23 +127,39 @@ class InstructionFilter:
 
 # Parsing -------------------------------------------------------------------------------------------------
 
-_TASK_MARK = re.compile(r"^[ \t*#]*task[ \t]*(\d+)[ \t]*[:.)][ \t*]*", re.IGNORECASE | re.MULTILINE)
+# A task starts at "Task 9:", at "9. Instruction:" (Alpaca's numbered format) or at "Instruction:".
+_TASK_MARK = re.compile(r"^[ \t*#]*(?:task[ \t]*\d+[ \t]*[:.)]|(?:\d+[ \t]*[.)][ \t]*)?instruction[ \t]*:)[ \t*]*",
+                        re.IGNORECASE | re.MULTILINE)
 _NUMBER_MARK = re.compile(r"^[ \t]*(\d+)[ \t]*[.)][ \t]+", re.MULTILINE)
-_FIELD_MARK = re.compile(r"^[ \t*]*(input|output|class[ \t]*label|label)[ \t*]*:[ \t*]*", re.IGNORECASE | re.MULTILINE)
+_FIELD_MARK = re.compile(r"^[ \t*]*(?:\d+[ \t]*[.)][ \t]*)?(input|output|class[ \t]*label|label)[ \t*]*:[ \t*]*",
+                         re.IGNORECASE | re.MULTILINE)
 _EXAMPLE_LINE = re.compile(r"^[ \t*#]*example[ \t]*\d*[ \t]*[:.]?[ \t*]*$", re.IGNORECASE | re.MULTILINE)
 
 
-def parse_instructions(text: str, truncated: bool) -> list[tuple[str, bool]]:
-    """The tasks a reply to an instruction prompt writes, as (instruction, cut off by max_tokens).
-    The reply continues "Task N:": its text before the first "Task M:" is task N; a reply that
-    numbers a plain list ("10. ...") is split at its numbers; a reply with neither is one task."""
+@dataclass(frozen=True)
+class Candidate:
+    instruction: str
+    instances: tuple[tuple[str, str], ...]  # written by the teacher along with the task, if it did
+    cut: bool  # the last task of a reply that max_tokens stopped
+
+
+def parse_instructions(text: str, truncated: bool) -> list[Candidate]:
+    """The tasks a reply to an instruction prompt writes. The reply continues "Task N:": its text
+    before the first "Task M:" is task N; a reply that numbers a plain list ("10. ...") is split
+    at its numbers; a reply with neither is one task. A task followed by "Input:"/"Output:" lines
+    (or written in Alpaca's "N. Instruction: / N. Input: / N. Output:" blocks) brings its instance."""
     marks = list(_TASK_MARK.finditer(text)) or list(_NUMBER_MARK.finditer(text))
     pieces = [text[:marks[0].start()] if marks else text]
     pieces += [text[m.end():(marks[k + 1].start() if k + 1 < len(marks) else len(text))] for k, m in enumerate(marks)]
-    tasks = [normalize(p.split("\n\n")[0]) for p in pieces]
-    if not tasks[0]:  # nothing before the first mark: the reply began with a mark
+    tasks = []
+    for piece in pieces:
+        piece = re.split(r"^[ \t]*#{3,}", piece, maxsplit=1, flags=re.MULTILINE)[0]
+        field = _FIELD_MARK.search(piece)
+        head = piece[:field.start()] if field else piece
+        tasks.append((normalize(head.split("\n\n")[0]), tuple(parse_instances(piece[field.start():], False)) if field else ()))
+    if not tasks[0][0] and not tasks[0][1]:  # nothing before the first mark: the reply began with a mark
         tasks.pop(0)
-    return [(t, truncated and k == len(tasks) - 1) for k, t in enumerate(tasks)]
+    return [Candidate(t, instances, truncated and k == len(tasks) - 1) for k, (t, instances) in enumerate(tasks)]
 
 
 def _fields(text: str) -> list[tuple[str, str]]:
@@ -263,10 +279,11 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:  #
                             request_seed(spec.seed, "instruction", result.rounds, i)) for i in range(n)]
         fresh = []
         for i, reply in enumerate(ask(requests)):
-            for text, cut in parse_instructions(reply["text"], reply["finish_reason"] == "length"):
+            for candidate in parse_instructions(reply["text"], reply["finish_reason"] == "length"):
                 result.candidates += 1
+                text = candidate.instruction
                 where = {"instruction": text, "round": result.rounds, "request": i}
-                if cut:
+                if candidate.cut:
                     result.rejects.append({**where, "reason": "truncated", "detail": "cut off by sampling.max_tokens"})
                     continue
                 verdict = pool_filter.check(text)
@@ -275,7 +292,7 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:  #
                 if keep_filter is not pool_filter:
                     verdict = keep_filter.check(text)
                 if verdict is None:
-                    fresh.append(where)
+                    fresh.append((where, candidate.instances))
                 else:
                     result.rejects.append({**where, "reason": verdict[0], "detail": verdict[1]})
         result.requests["instruction"] += n
@@ -288,20 +305,23 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:  #
     return result
 
 
-def _add_instances(seeds: list[SeedTask], seed: int, fresh: list[dict], ask, result: Result) -> None:  # noqa: ANN001
+def _add_instances(seeds: list[SeedTask], seed: int, fresh: list[tuple[dict, tuple]], ask, result: Result) -> None:  # noqa: ANN001
     """Classify each newly kept instruction, then ask for its instances (output-first for
-    classification); tasks with a usable instance are kept, in the order their instructions were."""
-    rngs = [random.Random(f"{seed}:{w['instruction']}") for w in fresh]  # prompts depend on the instruction only
+    classification) unless the teacher wrote them with the task; tasks with a usable instance are
+    kept, in the order their instructions were."""
+    rngs = [random.Random(f"{seed}:{w['instruction']}") for w, _ in fresh]  # prompts depend on the instruction only
     classify = [Request("classify", classify_prompt(seeds, w["instruction"], rng), request_seed(seed, "classify", w["instruction"]))
-                for w, rng in zip(fresh, rngs)]
+                for (w, _), rng in zip(fresh, rngs)]
     labels = [is_classification(r["text"]) for r in ask(classify)]
     result.requests["classify"] += len(classify)
     writes = [Request("instances", instance_prompt(seeds, w["instruction"], label, rng),
-                      request_seed(seed, "instances", w["instruction"], label)) for w, label, rng in zip(fresh, labels, rngs)]
-    replies = ask(writes)
+                      request_seed(seed, "instances", w["instruction"], label))
+              for (w, given), label, rng in zip(fresh, labels, rngs) if not given]
+    replies = iter(ask(writes))
     result.requests["instances"] += len(writes)
-    for where, label, reply in zip(fresh, labels, replies):
-        instances, dropped = check_instances(where["instruction"], parse_instances(reply["text"], label))
+    for (where, given), label in zip(fresh, labels):
+        pairs = list(given) if given else parse_instances(next(replies)["text"], label)
+        instances, dropped = check_instances(where["instruction"], pairs)
         if instances:
             result.tasks.append({"instruction": where["instruction"], "instances": instances, "is_classification": label})
         else:

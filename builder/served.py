@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,13 +51,26 @@ class HttpModel:
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, retries: int, what: str):
         self.base_url, self.model, self.timeout, self.retries, self.what = base_url.rstrip("/"), model, timeout_s, retries, what
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-        self.chat_api = True  # until the server says it has no chat endpoint
+        self.chat_api: bool | None = None  # known after the first answer: chat, or completions after a 404
+        self.first = threading.Lock()  # the first request goes alone, so a server without chat gets one 404
 
     def chat(self, prompt: str, **sampling: object) -> Reply:
-        if self.chat_api:
+        if self.chat_api is None:
+            with self.first:
+                if self.chat_api is None:
+                    return self._ask(prompt, sampling)
+        return self._ask(prompt, sampling)
+
+    def _ask(self, prompt: str, sampling: dict) -> Reply:
+        if self.chat_api is not False:
             try:
-                return self._post("/chat/completions", {"messages": [{"role": "user", "content": prompt}]}, sampling)
+                reply = self._post("/chat/completions", {"messages": [{"role": "user", "content": prompt}]}, sampling)
+                self.chat_api = True
+                return reply
             except _NoEndpoint:
+                if self.chat_api:
+                    raise StageError(f"{self.what}: {self.base_url}/chat/completions answered 404 after answering "
+                                     "before; is the server still serving the model?") from None
                 self.chat_api = False
         try:
             return self._post("/completions", {"prompt": prompt}, sampling)

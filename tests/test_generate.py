@@ -30,22 +30,24 @@ TOPICS = ["saving money on groceries", "planning a vegetable garden", "training 
           "choosing a used bicycle", "preparing for a job interview", "teaching a dog to sit",
           "making a weekly meal plan", "studying for a history exam", "repairing a flat tyre",
           "hosting a birthday party", "starting a book club", "writing a thank-you note", "cleaning a cast iron pan"]
+CLASSIFY_FORM = "Classify this note about {t} as urgent or not urgent."
 FORMS = ["Write a short poem about {t}.", "Give three practical tips for {t}.", "Explain {t} to a complete beginner.",
-         "Classify this note about {t} as urgent or not urgent.", "List the common mistakes people make when {t}.",
+         "List the common mistakes people make when {t}.",
          "Suggest a catchy title for a blog post on {t}.", "Describe a typical day of someone who is {t}."]
 BAD = ["Draw a picture of {t}.", "Sing now.", "- {t} in a list", "Écrivez un poème sur {t}.",
        "Watch the video about {t} and summarize it."]
 
 
-BAD_TURN = itertools.count()
+BAD_TURN, FORM_TURN = itertools.count(), itertools.count()
 
 
 def teacher_reply(prompt: str, rng: random.Random) -> str:
     """What a Self-Instruct teacher writes for each kind of tunefile prompt (tasks, a Yes/No, instances)."""
     if prompt.rstrip().endswith(":") and re.search(r"Task \d+:$", prompt.rstrip()):
         bad = BAD[next(BAD_TURN) % len(BAD)]  # every kind of bad task, in turn
-        tasks = [rng.choice(FORMS).format(t=rng.choice(TOPICS)) for _ in range(4)]
-        tasks.insert(rng.randrange(5), bad.format(t=rng.choice(TOPICS)))
+        tasks = [FORMS[next(FORM_TURN) % len(FORMS)].format(t=rng.choice(TOPICS)) for _ in range(3)]
+        tasks.insert(rng.randrange(4), bad.format(t=rng.choice(TOPICS)))
+        tasks.insert(0, CLASSIFY_FORM.format(t=rng.choice(TOPICS)))  # the first reply's first task is kept
         start = int(re.search(r"Task (\d+):$", prompt.rstrip()).group(1))
         return " " + tasks[0] + "".join(f"\nTask {start + k}: {t}" for k, t in enumerate(tasks[1:], start=1))
     if prompt.rstrip().endswith("Is it classification?"):
@@ -106,16 +108,24 @@ def read_jsonl(path: Path) -> list[dict]:
 # Parsing and filters -------------------------------------------------------------------------------------
 
 def test_instruction_replies_are_parsed_as_the_paper_numbers_them():
+    def tasks(reply: str, truncated: bool = False) -> list[tuple]:
+        return [(c.instruction, c.instances, c.cut) for c in parse_instructions(reply, truncated)]
+
     reply = " Plan a picnic menu for six people.\nTask 10: Name two rivers in Spain.\n\ntask 11 : Translate 'hello' into French.\n"
-    assert parse_instructions(reply, truncated=False) == [
-        ("Plan a picnic menu for six people.", False), ("Name two rivers in Spain.", False),
-        ("Translate 'hello' into French.", False)]
-    # A chat reply that restates the number, a plain numbered list, and a reply cut by max_tokens.
-    assert [t for t, _ in parse_instructions("Task 9: Write a haiku.\nTask 10: Sort these words", True)] == [
-        "Write a haiku.", "Sort these words"]
-    assert parse_instructions("Task 9: Write a haiku.\nTask 10: Sort these words", True)[-1] == ("Sort these words", True)
-    assert [t for t, _ in parse_instructions("9. give a synonym for happy\n10. Name a prime number", False)] == [
+    assert tasks(reply) == [("Plan a picnic menu for six people.", (), False), ("Name two rivers in Spain.", (), False),
+                            ("Translate 'hello' into French.", (), False)]
+    # A chat reply that restates the number, cut by max_tokens: its last task is marked.
+    assert tasks("Task 9: Write a haiku.\nTask 10: Sort these words", True) == [
+        ("Write a haiku.", (), False), ("Sort these words", (), True)]
+    assert [t for t, _, _ in tasks("9. give a synonym for happy\n10. Name a prime number")] == [
         "Give a synonym for happy", "Name a prime number"]
+    # Tasks written with their instance: after "Task N:", and in Alpaca's numbered blocks.
+    assert tasks("Task 9: Add the numbers.\nInput: 2 and 3\nOutput: 5\nTask 10: Name a colour.\nOutput: Blue") == [
+        ("Add the numbers.", (("2 and 3", "5"),), False), ("Name a colour.", (("", "Blue"),), False)]
+    alpaca = ("1. Instruction: Give a synonym for quick.\n1. Input:\n<noinput>\n1. Output:\nFast.\n###\n"
+              "2. Instruction: Reverse the word.\n2. Input:\nstressed\n2. Output:\ndesserts\n###\n")
+    assert tasks(alpaca) == [("Give a synonym for quick.", (("<noinput>", "Fast."),), False),
+                             ("Reverse the word.", (("stressed", "desserts"),), False)]
 
 
 def test_each_filter_rejects_with_its_reason():
@@ -207,7 +217,8 @@ def test_a_larger_count_or_a_new_filter_sends_only_new_requests(tmp_path, monkey
     monkeypatch.setenv("TEACHER_KEY", "k")
     server = nondeterministic_teacher()
     try:
-        root = make_gen_project(tmp_path / "p", server.url, count=12)
+        # Two prompts a round keep at most 8 new tasks, so 24 cannot come from the rounds that kept 12.
+        root = make_gen_project(tmp_path / "p", server.url, count=12, extra="      requests_per_round: 2\n")
         build_generate(root)
         before = read_jsonl(out(root, "generated.jsonl"))
         seen = server.prompts()
@@ -321,10 +332,35 @@ def test_a_teacher_server_without_a_chat_endpoint_is_asked_for_completions(tmp_p
         root = make_gen_project(tmp_path / "p", f"http://127.0.0.1:{server.server_port}/v1", count=5)
         build_generate(root)
         assert len(read_jsonl(out(root, "generated.jsonl"))) == 5
-        assert paths.count("/v1/chat/completions") <= 4 and paths.count("/v1/completions") > 4  # one 404 per thread
+        assert paths.count("/v1/chat/completions") == 1 and paths.count("/v1/completions") > 4  # one 404, then completions
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_tasks_written_with_their_instances_need_no_instance_request(tmp_path, monkeypatch):
+    """A teacher answering in Alpaca's blocks (instruction, input, output together) is used as it is."""
+    rng = random.Random(0)
+
+    def blocks(prompt: str) -> str:
+        if prompt.rstrip().endswith("Is it classification?"):
+            return "No"
+        assert "Write examples" not in prompt and "classification task. For each" not in prompt
+        picks = [rng.choice(FORMS).format(t=rng.choice(TOPICS)) for _ in range(3)]
+        return "".join(f"{k}. Instruction: {t}\n{k}. Input:\n<noinput>\n{k}. Output:\nAnswer {rng.random()}\n###\n"
+                       for k, t in enumerate(picks, start=9))
+
+    server = CannedChat(blocks)
+    try:
+        monkeypatch.setenv("TEACHER_KEY", "k")
+        root = make_gen_project(tmp_path / "p", server.url, count=8)
+        build_generate(root)
+        tasks = read_jsonl(out(root, "generated.jsonl"))
+        stats = json.loads(out(root, "stats.json").read_text())
+        assert len(tasks) == 8 and stats["requests"]["instances"] == 0
+        assert all(t["instances"][0]["input"] == "" and t["instances"][0]["output"].startswith("Answer") for t in tasks)
+    finally:
+        server.close()
 
 
 @pytest.mark.skipif(not SHARED_SEEDS.is_file(), reason="../shared/data is not on this machine")
