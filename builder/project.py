@@ -38,8 +38,8 @@ class Launch(BaseModel):
 
 
 class Endpoints(BaseModel):
-    """How tunefile talks to OpenAI-compatible servers (the eval judge): machine settings, so
-    they live in params.yaml, not in a recipe or a key."""
+    """How tunefile talks to OpenAI-compatible servers (generation teachers, the eval judge):
+    machine settings, so they live in params.yaml, not in a recipe or a key."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key_env: Optional[str] = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name

@@ -177,17 +177,18 @@ def _fields(text: str) -> list[tuple[str, str]]:
 def parse_instances(text: str, classification: bool) -> list[tuple[str, str]]:
     """(input, output) pairs from a reply to an instance prompt; the reply stops at a new "Task:".
     Input-first: an output closes an instance (with the input before it, if any); a reply with no
-    field names is one output. Output-first: a label, then the input of that class."""
+    field names is one output. Output-first: a label, then the input of that class (a reply
+    written input-first instead is read that way)."""
     text = re.split(r"^[ \t*#]*task[ \t]*\d*[ \t]*:", text, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE)[0]
     fields, instances, pending = _fields(text), [], None
-    if classification:
+    if classification and any(name == "label" for name, _ in fields):
         for name, value in fields:
             if name == "label":
                 pending = value
             elif name == "input" and pending is not None:
                 instances.append((value, pending))
                 pending = None
-    elif fields:
+    elif fields:  # input first (a classification reply without labels too: its outputs are the labels)
         for name, value in fields:
             if name == "input":
                 pending = value

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,19 @@ def tokenizer_project(tmp_path, tiny_tokenizer, monkeypatch):
     (root / "params.yaml").write_text("recipes: [r]\ndevice: cpu\ncache_dir: .tunefile\n")
     monkeypatch.chdir(root)
     return root
+
+
+def run_in(cwd: Path, *cmd: str) -> str:
+    """A command (tunefile, dvc, git) run in a project with the venv's bin first on PATH; it must succeed."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    """The DVC stages a `dvc repro` output says it ran."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
 def make_project(root: Path, recipe_text: str | None = None, name: str = "default") -> Path:

@@ -490,3 +490,34 @@ def test_a_generated_source_feeds_the_dataset(tiny_base, tmp_path, monkeypatch):
         assert "generate@synth" in plan["dataset"].upstream
     finally:
         server.close()
+
+
+def test_dvc_repro_generates_and_dvc_push_shares_the_generated_rows(tiny_base, tmp_path, monkeypatch):
+    """Under DVC: generate runs before dataset, a second repro runs nothing, and a clone gets the
+    generated rows with `dvc pull` without asking the teacher."""
+    import shutil
+
+    from conftest import run_in, stages_run
+
+    monkeypatch.setenv("TEACHER_KEY", "k")
+    server = nondeterministic_teacher()
+    try:
+        root = make_gen_project(tmp_path / "repo", server.url, count=6)
+        shutil.copytree(tiny_base / ".tunefile" / "stages", root / ".tunefile" / "stages")  # the base, built once
+        for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["tunefile", "dvc"]):
+            run_in(root, *cmd)
+        ran = stages_run(run_in(root, "dvc", "repro", "gen-dataset"))
+        assert sorted(ran) == ["gen-base", "gen-dataset", "gen-generate", "resolve"] and ran.index("gen-generate") < ran.index("gen-dataset")
+        assert stages_run(run_in(root, "dvc", "repro", "gen-dataset")) == []
+        sent = len(server.requests)
+        run_in(root, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+        run_in(root, "git", "add", "-A")
+        run_in(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "generated")
+        run_in(root, "dvc", "push")
+        clone = tmp_path / "clone"
+        run_in(tmp_path, "git", "clone", "-q", str(root), str(clone))
+        run_in(clone, "dvc", "pull", "--with-deps", "gen-dataset")
+        assert out(clone, "generated.jsonl").read_bytes() == out(root, "generated.jsonl").read_bytes()
+        assert stages_run(run_in(clone, "dvc", "repro", "gen-dataset")) == [] and len(server.requests) == sent
+    finally:
+        server.close()

@@ -89,5 +89,7 @@ def run(ctx: StageContext) -> dict:
               f"{result.requests['instruction']} instruction requests (generate.max_requests {spec.request_cap}); "
               f"rejects: {top}; see {project_path(ctx.project.stage_dir(ctx.recipe.name, ctx.stage.name), ctx.project.root)}"
               "/rejects.jsonl", file=sys.stderr)
+    print(f"{ctx.recipe.name}/{ctx.stage.name}: kept {len(result.tasks)} of {spec.count} tasks; {cache.misses} "
+          f"requests sent to the teacher, {cache.hits} answered from the request cache")
     return {"kept": len(result.tasks), "count": spec.count, "requests_sent": cache.misses, "cache_hits": cache.hits,
             "tokens": dict(teacher.tokens)}
