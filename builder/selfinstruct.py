@@ -73,6 +73,7 @@ class Result:
     candidates: int = 0
     rounds: int = 0
     comparisons: int = 0  # exact ROUGE-L computations the index could not rule out
+    surplus: int = 0  # tasks kept beyond count in the last round
 
 
 def request_seed(*parts: object) -> int:
@@ -302,6 +303,7 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:  #
         if progress is not None:
             progress(min(len(result.tasks), spec.count))
     result.comparisons = pool_filter.index.comparisons + (keep_filter.index.comparisons if keep_filter is not pool_filter else 0)
+    result.surplus = max(0, len(result.tasks) - spec.count)  # kept by the last round; a larger count uses them
     result.tasks = result.tasks[:spec.count]
     return result
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the repo root, a tiny tokenizer built in-process, and throwaway projects."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -70,12 +71,16 @@ def small_recipe(size: int = 240) -> str:
             .replace("max_tokens: 64\n", "max_tokens: 32\n"))
 
 
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 drops connections of a concurrent client (a 1 s SYN retry each)
+    daemon_threads = True
+
+
 class CannedChat:
     """An OpenAI-compatible /v1/chat/completions server on 127.0.0.1, written for the tests: it
     answers with reply(prompt) and records every request (path, headers, body)."""
 
     def __init__(self, reply, fail_first: int = 0, answer_at_most: int | None = None):  # noqa: ANN001
-        import http.server
         import threading
 
         canned = self
@@ -113,7 +118,7 @@ class CannedChat:
             def log_message(self, *args):  # noqa: ANN002
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

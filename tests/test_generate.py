@@ -189,6 +189,7 @@ def test_a_served_teacher_keeps_count_tasks_and_says_why_it_dropped_the_rest(tmp
         assert {"rouge_l", "blacklisted", "too_short", "starts_with_punctuation", "non_ascii_start"} <= reasons
         assert all(r["detail"] for r in rejects)
         assert stats["rejects"]["rouge_l"] == sum(r["reason"] == "rouge_l" for r in rejects)
+        assert stats["candidates"] == len(rejects) + stats["kept"] + stats["surplus"]
         assert stats["requests"]["total"] == len(server.requests) and stats["tokens"]["completion"] > 0
         assert {r["headers"]["Authorization"] for r in server.requests} == {"Bearer sk-teacher-secret-123"}
         assert all(r["body"]["model"] == "canned-teacher" and "seed" in r["body"] for r in server.requests)

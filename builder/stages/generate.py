@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> dict:
     reasons = Counter(r["reason"] for r in result.rejects)
     stats = {"teacher": identity, "count": spec.count, "kept": len(result.tasks),
              "count_reached": len(result.tasks) >= spec.count, "seed_tasks": len(seeds),
-             "candidates": result.candidates, "rounds": result.rounds, "rejects": dict(sorted(reasons.items())),
+             "candidates": result.candidates, "surplus": result.surplus, "rounds": result.rounds, "rejects": dict(sorted(reasons.items())),
              "classification_tasks": sum(t["is_classification"] for t in result.tasks),
              "instances": sum(len(t["instances"]) for t in result.tasks),
              "requests": {**result.requests, "total": sum(result.requests.values())},

@@ -1,0 +1,163 @@
+"""Benchmark: the generate@<source> stage's own cost, against an instant teacher on 127.0.0.1.
+
+    .venv/bin/python bench/self_instruct.py [--count 2000] [--concurrency 8]
+
+A canned OpenAI-compatible server answers at once (random tasks over a large vocabulary, some
+near-copies and some the filters must drop), so what is timed is tunefile: prompts, parsing, the
+filters with the ROUGE-L index, the request cache and the HTTP round trips. Measured in one run:
+a cold build (every request sent), a rebuild from the request cache (stage store emptied: no
+request sent), and doubling `count` (only the new rounds' requests sent). Seeds: the 175 Alpaca
+seed tasks from ../shared/data when present, else the repo's demo seed tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_SEEDS = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
+VERBS = ["Write", "Explain", "List", "Describe", "Suggest", "Compare", "Summarize", "Rewrite", "Classify", "Translate",
+         "Plan", "Outline", "Evaluate", "Name", "Create", "Give", "Find", "Identify", "Recommend", "Correct"]
+FILLER = ["a short", "three", "the main", "a simple", "two different", "some", "the best", "a clear", "five", "a few"]
+BAD = ["Draw a map of the town.", "Plot the data.", "Go.", "- a list", "Écrivez une phrase.", "Watch this video."]
+
+
+def reply_for(prompt: str, rng: random.Random, vocabulary: list[str], lock: threading.Lock) -> str:
+    """Tasks for an instruction prompt, Yes/No for a classification question, instances otherwise."""
+    with lock:
+        if prompt.rstrip().endswith("Is it classification?"):
+            return rng.choice(["Yes", "No", "No"])
+        if not prompt.rstrip().endswith(":"):  # an instance prompt
+            if "is a classification task" in prompt.split("\n\n")[0]:
+                return "Class label: A\nInput: " + " ".join(rng.choices(vocabulary, k=8)) + "\nClass label: B\nInput: x y"
+            return f"Input: {' '.join(rng.choices(vocabulary, k=6))}\nOutput: {' '.join(rng.choices(vocabulary, k=20))}"
+        tasks = []
+        for _ in range(6):
+            if rng.random() < 0.1:
+                tasks.append(rng.choice(BAD))
+            elif rng.random() < 0.15 and tasks:
+                tasks.append(tasks[-1].replace(".", " now."))  # a near-copy for the novelty filter
+            else:
+                words = " ".join(rng.choices(vocabulary, k=rng.randint(4, 12)))
+                tasks.append(f"{rng.choice(VERBS)} {rng.choice(FILLER)} {words}.")
+        return " " + tasks[0] + "".join(f"\nTask {10 + k}: {t}" for k, t in enumerate(tasks[1:]))
+
+
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 drops connections of a concurrent client (a 1 s SYN retry each)
+    daemon_threads = True
+
+
+class InstantTeacher:
+    def __init__(self, seed: int = 0):
+        rng, lock = random.Random(seed), threading.Lock()
+        vocabulary = [f"{a}{b}" for a in ("re", "co", "ma", "ti", "lo", "ne", "sa", "po", "ki", "du", "fe", "gu")
+                      for b in ("bra", "dix", "men", "tor", "lum", "vas", "pex", "rin", "sol", "tua", "wen", "zor")]
+        self.sent = 0
+        teacher = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                teacher.sent += 1
+                prompt = body["messages"][-1]["content"]
+                text = reply_for(prompt, rng, vocabulary, lock)
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                                   "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # noqa: ANN002
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_project(root: Path, url: str, count: int, concurrency: int) -> None:
+    (root / "data").mkdir(parents=True)
+    seeds = SHARED_SEEDS if SHARED_SEEDS.is_file() else REPO / "data" / "demo_seed_tasks.jsonl"
+    shutil.copy(seeds, root / "data" / "seed_tasks.jsonl")
+    (root / "recipes").mkdir()
+    (root / "params.yaml").write_text(f"recipes: [gen]\ndevice: cpu\nendpoints: {{concurrency: {concurrency}}}\n")
+    write_recipe(root, url, count)
+
+
+def write_recipe(root: Path, url: str, count: int) -> None:
+    (root / "recipes" / "gen.yaml").write_text(f"""name: gen
+base: {{model: "builtin:tiny-llama"}}
+sources:
+  - name: synth
+    format: self_instruct
+    generate:
+      seed_tasks: data/seed_tasks.jsonl
+      count: {count}
+      teacher: {{openai: {{base_url: "{url}", model: instant}}}}
+      seed: 1
+""")
+
+
+def timed_build(root: Path, teacher: InstantTeacher) -> tuple[float, int, dict]:
+    from builder.build import run_dvc_stage
+    from builder.project import load_project
+
+    before, started = teacher.sent, time.perf_counter()
+    run_dvc_stage(load_project(root), "gen", "generate", say=lambda line: None)
+    seconds = time.perf_counter() - started
+    stats = json.loads((root / "build" / "gen" / "generate" / "synth" / "stats.json").read_text())
+    return seconds, teacher.sent - before, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    teacher = InstantTeacher()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "p"
+        make_project(root, teacher.url, args.count, args.concurrency)
+        cold, sent, stats = timed_build(root, teacher)
+        rows.append(("cold build", args.count, cold, sent, stats))
+        first = (root / "build" / "gen" / "generate" / "synth" / "generated.jsonl").read_bytes()
+        shutil.rmtree(root / "build")
+        shutil.rmtree(root / ".tunefile" / "stages")
+        cached, sent_again, again = timed_build(root, teacher)
+        same = (root / "build" / "gen" / "generate" / "synth" / "generated.jsonl").read_bytes() == first
+        rows.append(("rebuild from the request cache", args.count, cached, sent_again, again))
+        write_recipe(root, teacher.url, 2 * args.count)
+        doubled, sent_more, more = timed_build(root, teacher)
+        rows.append(("count doubled", 2 * args.count, doubled, sent_more, more))
+    teacher.close()
+    print(f"seed tasks: {stats['seed_tasks']}; concurrency {args.concurrency}; an instant teacher on 127.0.0.1\n")
+    print("| run | count | seconds | requests sent | requests used | candidates | rouge_l rejects | ms per kept task |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, count, seconds, sent, s in rows:
+        print(f"| {name} | {count} | {seconds:.2f} | {sent} | {s['requests']['total']} | {s['candidates']} | "
+              f"{s['rejects'].get('rouge_l', 0)} | {1000 * seconds / s['kept']:.2f} |")
+    print("\n| ratio | value |\n|---|---|")
+    print(f"| rebuild from cache / cold build, seconds | {cached / cold:.3f} |")
+    print(f"| rebuild from cache: same generated.jsonl bytes | {'yes' if same else 'NO'} |")
+    print(f"| count doubled: requests sent / requests used | {sent_more / more['requests']['total']:.3f} |")
+    print(f"| count doubled: old requests re-sent | {sent_more - (more['requests']['total'] - stats['requests']['total'])} |")
+
+
+if __name__ == "__main__":
+    main()
