@@ -397,8 +397,12 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 def format_errors(doc: YamlDoc, exc: ValidationError, model: type[BaseModel]) -> list[str]:
     """One `file:line: key: what is wrong (allowed ...)` line per pydantic error."""
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
         loc = tuple(err["loc"])
+        # pydantic also calls a list whose item failed inside a nested section too short: say it once.
+        if err["type"] == "too_short" and any(tuple(e["loc"])[:len(loc)] == loc and len(e["loc"]) > len(loc) for e in errors):
+            continue
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(model, loc[:-1]))
