@@ -251,3 +251,35 @@ def test_merge_folds_the_preference_adapter_in_after_the_sft_one(trained, tmp_pa
     ctx = StageContext(project, project.load_recipe("r"), plan["merge"], plan, tmp_path)
     lineage = lineage_metadata(ctx)
     assert lineage["tunefile.preference_key"] == plan["preference"].key and lineage["tunefile.pairs_key"] == plan["pairs"].key
+
+
+def test_two_processes_train_preference_like_one(trained, tmp_path):
+    """params.yaml `launch: {num_processes: 2}`: `tunefile stage preference` runs under accelerate
+    launch (gloo DDP on CPU), each process takes half of every step's pairs, rank 0 publishes. The
+    same losses and adapter as one process, within float tolerance (threads and reduction order differ)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    root = tmp_path / "two"
+    shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
+    with open(root / "params.yaml", "a") as f:
+        f.write("launch: {num_processes: 2}\n")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(bin_dir / "tunefile"), "stage", "preference", "r"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "r/preference: accelerate launch --multi_gpu --num_processes 2" in done.stderr
+    assert done.stdout.count("r/preference: built") == 1
+    assert json.loads((root / "build/r/preference/manifest.json").read_text())["summary"]["processes"] == 2
+    ours, theirs = (rows_of(p, "steps.csv") for p in (root, trained))
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        for column in ("loss", "margin", "accuracy"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-5), (a, b)
+    two, one = (load_file(str(p / "build/r/preference/adapter_model.safetensors")) for p in (root, trained))
+    assert sorted(two) == sorted(one) and all(torch.allclose(two[n], one[n], rtol=1e-4, atol=1e-6) for n in two)
