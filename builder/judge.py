@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from builder.served import map_concurrent
 
 JUDGE_PROMPT = """Please act as an impartial judge and evaluate the quality of the responses provided by two AI \
 assistants to the user question displayed below. Choose the assistant that follows the user's instructions and \
@@ -120,11 +121,7 @@ def judge_pairs(judge, identity: str, pairs: list[Pair], cache, concurrency: int
             cache.put("judge", request, found)
         return found
 
-    if concurrency > 1:
-        with ThreadPoolExecutor(concurrency) as pool:
-            replies = list(pool.map(reply, prompts))
-    else:
-        replies = [reply(item) for item in prompts]
+    replies = map_concurrent(reply, prompts, concurrency)
     records, scores, counts = [], [], {"wins": 0, "ties": 0, "losses": 0, "invalid": 0}
     for k, pair in enumerate(pairs):
         first, second = replies[2 * k], replies[2 * k + 1]

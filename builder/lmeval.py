@@ -55,12 +55,17 @@ class ItemCache:
 
     def put(self, kind: str, request: object, value: object) -> None:
         with self.lock:
+            if self.db is None:  # closed: a client thread whose build already failed
+                return
             self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?)",
                             (self._key(kind, request), json.dumps(value, sort_keys=True)))
             self.db.commit()
 
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
 
 
 def log_softmax_rows(logits):  # noqa: ANN001, ANN201

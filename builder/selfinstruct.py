@@ -73,7 +73,8 @@ class Result:
     candidates: int = 0
     rounds: int = 0
     comparisons: int = 0  # exact ROUGE-L computations the index could not rule out
-    surplus: int = 0  # tasks kept beyond count in the last round
+    surplus: int = 0  # instructions kept beyond count in the last round (a larger count uses them)
+    unclear: int = 0  # classification replies with neither Yes nor No (taken as No)
 
 
 def request_seed(*parts: object) -> int:
@@ -175,11 +176,17 @@ def _fields(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_instances(text: str, classification: bool) -> list[tuple[str, str]]:
+def parse_instances(text: str, classification: bool, truncated: bool = False) -> list[tuple[str, str]]:
     """(input, output) pairs from a reply to an instance prompt; the reply stops at a new "Task:".
     Input-first: an output closes an instance (with the input before it, if any); a reply with no
-    field names is one output. Output-first: a label, then the input of that class (a reply
-    written input-first instead is read that way)."""
+    field names is one output (not for a classification task: a label needs its field). Output-
+    first: a label, then the input of that class (a reply written input-first is read that way).
+    The last instance of a reply that max_tokens cut off is dropped."""
+    instances = _instances(text, classification)
+    return instances[:-1] if truncated else instances
+
+
+def _instances(text: str, classification: bool) -> list[tuple[str, str]]:
     text = re.split(r"^[ \t*#]*task[ \t]*\d*[ \t]*:", text, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE)[0]
     fields, instances, pending = _fields(text), [], None
     if classification and any(name == "label" for name, _ in fields):
@@ -196,7 +203,7 @@ def parse_instances(text: str, classification: bool) -> list[tuple[str, str]]:
             elif name == "output":
                 instances.append((pending or "", value))
                 pending = None
-    elif text.strip():
+    elif text.strip() and not classification:
         instances.append(("", text.strip()))
     return instances
 
@@ -221,10 +228,15 @@ def check_instances(instruction: str, pairs: list[tuple[str, str]]) -> tuple[lis
     return kept[:MAX_INSTANCES], dropped
 
 
+def classification_answer(reply: str) -> bool | None:
+    """True for a Yes, False for a No (its first word that is either), None for neither."""
+    word = re.search(r"\b(yes|no)\b", reply.lower())
+    return None if word is None else word.group(1) == "yes"
+
+
 def is_classification(reply: str) -> bool:
     """A Yes/No answer; anything else is taken as not classification (the input-first prompt)."""
-    word = re.search(r"\b(yes|no)\b", reply.lower())
-    return bool(word) and word.group(1) == "yes"
+    return bool(classification_answer(reply))
 
 
 # Prompts -------------------------------------------------------------------------------------------------
@@ -298,13 +310,15 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:  #
                 else:
                     result.rejects.append({**where, "reason": verdict[0], "detail": verdict[1]})
         result.requests["instruction"] += n
-        _add_instances(seeds, spec.seed, fresh, ask, result)
+        while fresh and len(result.tasks) < spec.count:  # instances only for as many as count still needs
+            needed = spec.count - len(result.tasks)
+            _add_instances(seeds, spec.seed, fresh[:needed], ask, result)
+            fresh = fresh[needed:]
+        result.surplus += len(fresh)
         result.rounds += 1
         if progress is not None:
             progress(min(len(result.tasks), spec.count))
     result.comparisons = pool_filter.index.comparisons + (keep_filter.index.comparisons if keep_filter is not pool_filter else 0)
-    result.surplus = max(0, len(result.tasks) - spec.count)  # kept by the last round; a larger count uses them
-    result.tasks = result.tasks[:spec.count]
     return result
 
 
@@ -315,7 +329,9 @@ def _add_instances(seeds: list[SeedTask], seed: int, fresh: list[tuple[dict, tup
     rngs = [random.Random(f"{seed}:{w['instruction']}") for w, _ in fresh]  # prompts depend on the instruction only
     classify = [Request("classify", classify_prompt(seeds, w["instruction"], rng), request_seed(seed, "classify", w["instruction"]))
                 for (w, _), rng in zip(fresh, rngs)]
-    labels = [is_classification(r["text"]) for r in ask(classify)]
+    answers = [classification_answer(r["text"]) for r in ask(classify)]
+    labels = [bool(a) for a in answers]
+    result.unclear += answers.count(None)
     result.requests["classify"] += len(classify)
     writes = [Request("instances", instance_prompt(seeds, w["instruction"], label, rng),
                       request_seed(seed, "instances", w["instruction"], label))
@@ -323,7 +339,11 @@ def _add_instances(seeds: list[SeedTask], seed: int, fresh: list[tuple[dict, tup
     replies = iter(ask(writes))
     result.requests["instances"] += len(writes)
     for (where, given), label in zip(fresh, labels):
-        pairs = list(given) if given else parse_instances(next(replies)["text"], label)
+        if given:
+            pairs = list(given)
+        else:
+            reply = next(replies)
+            pairs = parse_instances(reply["text"], label, truncated=reply["finish_reason"] == "length")
         instances, dropped = check_instances(where["instruction"], pairs)
         if instances:
             result.tasks.append({"instruction": where["instruction"], "instances": instances, "is_classification": label})

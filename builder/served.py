@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 import urllib.error
@@ -90,12 +91,20 @@ class HttpModel:
                 if exc.code == 404:
                     raise _NoEndpoint from None
                 if exc.code in (401, 403):
-                    raise StageError(f"{self.what}: {url} refused the request ({exc.code}); check the API key "
-                                     "variable named in params.yaml endpoints.api_key_env") from None
+                    hint = ("check the API key in the variable params.yaml endpoints.api_key_env names" if "Authorization"
+                            in self.headers else "no API key was sent: set params.yaml endpoints.api_key_env to the "
+                            "name of the environment variable that holds it")
+                    raise StageError(f"{self.what}: {url} refused the request ({exc.code}); {hint}") from None
                 if exc.code < 500 and exc.code != 429 or attempt == self.retries:
-                    raise StageError(f"{self.what}: {url} answered {exc.code} {exc.reason}") from None
+                    said = _body(exc)
+                    raise StageError(f"{self.what}: {url} answered {exc.code} {exc.reason}"
+                                     + (f" after {attempt + 1} tries" if attempt else "") + (f": {said}" if said else "")) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
+                if isinstance(exc, TimeoutError) and attempt == self.retries:  # a read timeout (a connect one is a URLError)
+                    raise StageError(f"{self.what}: {url} accepted the connection but sent no answer within "
+                                     f"{self.timeout:g} s, {attempt + 1} times; is the server overloaded? (params.yaml "
+                                     "endpoints.timeout_s and retries)") from None
                 if isinstance(reason, ConnectionRefusedError) or attempt == self.retries:
                     raise StageError(f"{self.what}: cannot reach {url} ({reason}); start the server or fix "
                                      f"{self.what}.openai.base_url") from None
@@ -107,6 +116,15 @@ class HttpModel:
 
     def close(self) -> None:
         pass
+
+
+def _body(exc: urllib.error.HTTPError) -> str:
+    """The first line of what an error response said (servers explain a 400 or a 500 there)."""
+    try:
+        text = exc.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return text.splitlines()[0][:300] if text else ""
 
 
 class _NoEndpoint(Exception):
@@ -151,6 +169,41 @@ class GgufModel:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def map_concurrent(ask, items: list, concurrency: int) -> list:  # noqa: ANN001
+    """[ask(item) for item in items] with up to `concurrency` calls at once, results in order. The
+    first failure is raised at once: nothing more is sent, and calls still waiting on a server are
+    left to their (daemon) threads instead of holding the build up until they time out."""
+    if concurrency <= 1 or len(items) <= 1:
+        return [ask(item) for item in items]
+    todo: queue.Queue = queue.Queue()
+    for k, item in enumerate(items):
+        todo.put((k, item))
+    done: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                k, item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((k, ask(item), None))
+            except BaseException as exc:  # handed to the caller, who raises it
+                done.put((k, None, exc))
+
+    for _ in range(min(concurrency, len(items))):
+        threading.Thread(target=work, daemon=True).start()
+    results: list = [None] * len(items)
+    for _ in range(len(items)):
+        k, value, exc = done.get()
+        if exc is not None:
+            stop.set()
+            raise exc
+        results[k] = value
+    return results
 
 
 def api_key(project, what: str) -> str | None:  # noqa: ANN001

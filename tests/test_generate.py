@@ -298,8 +298,33 @@ def test_an_unreachable_teacher_or_a_missing_key_is_a_clear_error_within_seconds
     started = time.time()
     assert main(["build", "gen", "--until", "generate"]) == 1
     assert time.time() - started < 5
-    with pytest.raises(StageError, match=r"source synth: generate.teacher: cannot reach http://127.0.0.1:\d+/v1/chat"):
+    with pytest.raises(StageError, match=r"^sources\[synth\].generate.teacher: cannot reach http://127.0.0.1:\d+/v1/chat"):
         build_generate(root)
+
+
+def test_a_server_that_never_answers_fails_after_its_timeouts_not_after_every_request(tmp_path, monkeypatch):
+    """It accepts connections and says nothing: one request's timeouts and retries decide, and the
+    requests still in flight do not hold the build up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        monkeypatch.setenv("TEACHER_KEY", "k")
+        root = make_gen_project(tmp_path / "p", f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+        (root / "params.yaml").write_text("recipes: [gen]\ndevice: cpu\n"
+                                          "endpoints: {api_key_env: TEACHER_KEY, concurrency: 4, timeout_s: 1, retries: 1}\n")
+        started = time.time()
+        with pytest.raises(StageError, match="accepted the connection but sent no answer within 1 s, 2 times"):
+            build_generate(root)
+        assert time.time() - started < 6  # 2 x 1 s and a 0.5 s backoff, not 8 requests x 2 x 1 s
+    finally:
+        listener.close()
+
+
+def test_cut_off_or_unlabelled_instance_replies_give_no_instance():
+    assert parse_instances("Input: a\nOutput: b\nInput: c\nOutput: half of an ans", False, truncated=True) == [("a", "b")]
+    assert parse_instances("It is probably positive.", classification=True) == []  # a label needs its field
+    assert parse_instances("Input: I loved it.\nOutput: Positive", classification=True) == [("I loved it.", "Positive")]
 
 
 def test_a_teacher_server_without_a_chat_endpoint_is_asked_for_completions(tmp_path, monkeypatch):

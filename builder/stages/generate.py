@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from builder.files import write_json, write_jsonl
 from builder.project import project_path
+from builder.served import map_concurrent
 from builder.stages import StageContext
 
 CLASSIFY_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16}  # a Yes or No, greedily
@@ -24,11 +24,10 @@ CLASSIFY_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16}  # a Ye
 
 class CachedTeacher:
     """`ask(requests)`: each request's reply from the cache, or from the teacher (up to
-    `concurrency` at once) and then into the cache; counts what was sent and what was found."""
+    `concurrency` at once) and then into the cache; counts the tokens of every reply used."""
 
     def __init__(self, client, cache, concurrency: int, sampling: dict):  # noqa: ANN001
-        self.client, self.cache, self.sampling = client, cache, sampling
-        self.pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
+        self.client, self.cache, self.sampling, self.concurrency = client, cache, sampling, concurrency
         self.tokens = Counter()
 
     def one(self, request) -> dict:  # noqa: ANN001
@@ -41,14 +40,10 @@ class CachedTeacher:
         return reply
 
     def __call__(self, requests: list) -> list[dict]:
-        replies = list(self.pool.map(self.one, requests)) if self.pool else [self.one(r) for r in requests]
+        replies = map_concurrent(self.one, requests, self.concurrency)
         for reply in replies:
             self.tokens.update(prompt=reply["prompt_tokens"], completion=reply["completion_tokens"])
         return replies
-
-    def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown()
 
 
 def run(ctx: StageContext) -> dict:
@@ -61,7 +56,7 @@ def run(ctx: StageContext) -> dict:
     source = next(s for s in ctx.recipe.sources if s.name == ctx.stage.param)
     spec = source.generate
     seeds = read_seed_tasks(ctx.project.root / spec.seed_tasks)
-    client, identity, concurrency = open_served(spec.teacher, ctx.project, f"source {source.name}: generate.teacher")
+    client, identity, concurrency = open_served(spec.teacher, ctx.project, f"sources[{source.name}].generate.teacher")
     cache = ItemCache(ctx.project.cache_dir / "teacher-requests.sqlite", identity)
     teacher = CachedTeacher(client, cache, concurrency, spec.sampling.model_dump())
     bar = tqdm(total=spec.count, desc=ctx.stage.name, unit="task", disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -69,7 +64,6 @@ def run(ctx: StageContext) -> dict:
         result = self_instruct(spec, seeds, teacher, progress=lambda kept: bar.update(kept - bar.n))
     finally:
         bar.close()
-        teacher.close()
         client.close()
         cache.close()
     reasons = Counter(r["reason"] for r in result.rejects)
@@ -77,6 +71,7 @@ def run(ctx: StageContext) -> dict:
              "count_reached": len(result.tasks) >= spec.count, "seed_tasks": len(seeds),
              "candidates": result.candidates, "surplus": result.surplus, "rounds": result.rounds, "rejects": dict(sorted(reasons.items())),
              "classification_tasks": sum(t["is_classification"] for t in result.tasks),
+             "classification_unclear": result.unclear,
              "instances": sum(len(t["instances"]) for t in result.tasks),
              "requests": {**result.requests, "total": sum(result.requests.values())},
              "tokens": dict(teacher.tokens), "rouge_l_comparisons": result.comparisons}
@@ -89,7 +84,8 @@ def run(ctx: StageContext) -> dict:
               f"{result.requests['instruction']} instruction requests (generate.max_requests {spec.request_cap}); "
               f"rejects: {top}; see {project_path(ctx.project.stage_dir(ctx.recipe.name, ctx.stage.name), ctx.project.root)}"
               "/rejects.jsonl", file=sys.stderr)
-    print(f"{ctx.recipe.name}/{ctx.stage.name}: kept {len(result.tasks)} of {spec.count} tasks; {cache.misses} "
-          f"requests sent to the teacher, {cache.hits} answered from the request cache")
+    print(f"{ctx.recipe.name}/{ctx.stage.name}: kept {len(result.tasks)} tasks (count {spec.count}) of "
+          f"{result.candidates} candidates; {cache.misses} requests sent to the teacher, {cache.hits} answered "
+          "from the request cache")
     return {"kept": len(result.tasks), "count": spec.count, "requests_sent": cache.misses, "cache_hits": cache.hits,
             "tokens": dict(teacher.tokens)}
