@@ -177,9 +177,14 @@ def test_per_step_losses_match_trls_dpo_trainer(trained, tmp_path):
                        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                        seed=spec.seed, train_sampling_strategy="sequential", max_length=None,
                        gradient_checkpointing=False, dataloader_num_workers=0)
-    peer = Peer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                processing_class=AutoTokenizer.from_pretrained(build_dir / "base"))
-    peer.train()
+    from accelerate.state import AcceleratorState
+
+    try:
+        peer = Peer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                    processing_class=AutoTokenizer.from_pretrained(build_dir / "base"))
+        peer.train()
+    finally:  # the Trainer's process-wide accelerate state would refuse the stages' own settings later
+        AcceleratorState._reset_state(reset_partial_state=True)
     theirs = [h["loss"] for h in peer.state.log_history if "loss" in h]
     ours = [float(r["loss"]) for r in rows_of(trained, "steps.csv")]
     assert len(theirs) == len(ours) == 6

@@ -14,7 +14,6 @@ after DPO (does it give chosen the higher log-probability?).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ from builder.errors import StageError
 from builder.pairs import read_pairs
 from builder.stages import StageContext
 from builder.stages.merge import load_sft_model
-from builder.stages.train import (SCHEDULERS, checkpoint_state, epoch_order, make_accelerator, restore_checkpoint,
-                                  save_adapter, write_csv)
+from builder.stages.train import (checkpoint_state, epoch_order, make_accelerator, make_optimizer, optimizer_step,
+                                  restore_checkpoint, save_adapter, write_csv)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -86,7 +85,7 @@ def eval_row(step: int, values: dict) -> tuple | None:
 
 def run(ctx: StageContext) -> dict:
     import torch
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
 
     spec = ctx.recipe.preference
     # Order matters, as in train: seed before the adapter is built (its A matrices are drawn at random).
@@ -100,12 +99,7 @@ def run(ctx: StageContext) -> dict:
         raise StageError("the preference train split is empty; check the pairs stage's stats.json")
 
     model = load_policy(ctx.recipe.train, base_dir, ctx.input_dir("train"), precision)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
-    scheduler = get_scheduler(SCHEDULERS[spec.scheduler], optimizer,
-                              num_warmup_steps=math.ceil(len(steps) * spec.warmup_ratio), num_training_steps=len(steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    model, optimizer, scheduler, trainable = make_optimizer(model, accelerator, spec, len(steps), weight_decay=0.0)
     unwrapped = accelerator.unwrap_model(model)
 
     def held_out_terms() -> dict:
@@ -124,12 +118,7 @@ def run(ctx: StageContext) -> dict:
     for index in range(start, len(steps)):
         epoch, group = steps[index]
         terms = train_step(model, accelerator, group, pad_id, spec.beta)
-        if spec.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer_step(accelerator, trainable, optimizer, scheduler, spec.max_grad_norm)
         step = index + 1
         curve.append((step, epoch, *(terms[k] for k in TERMS), lr))
         if spec.eval_steps and step % spec.eval_steps == 0 and step < len(steps):

@@ -146,6 +146,32 @@ def make_accelerator(ctx: StageContext, seed: int):  # noqa: ANN201
     return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision), cuda, precision
 
 
+def make_optimizer(model, accelerator, spec, steps: int, weight_decay: float):  # noqa: ANN001, ANN201
+    """AdamW over the trainable weights and `spec`'s schedule (lr, scheduler, warmup_ratio) over
+    `steps` optimizer steps, prepared by accelerate: (model, optimizer, scheduler, trainable)."""
+    import torch
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=weight_decay)
+    scheduler = get_scheduler(SCHEDULERS[spec.scheduler], optimizer, num_warmup_steps=math.ceil(steps * spec.warmup_ratio),
+                              num_training_steps=steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    return model, optimizer, scheduler, trainable
+
+
+def optimizer_step(accelerator, trainable: list, optimizer, scheduler, max_grad_norm: float | None) -> float:  # noqa: ANN001
+    """Clip, step and advance the schedule; return the learning rate this step used."""
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def restore_checkpoint(state: dict, model, accelerator, optimizer, scheduler, cuda: bool) -> None:  # noqa: ANN001
     """Put a checkpoint's trainable weights, optimizer, schedule and RNG states back in place."""
     import torch
@@ -192,7 +218,7 @@ def write_csv(path, header: str, rows: list[str]) -> None:  # noqa: ANN001
 
 def run(ctx: StageContext) -> dict:
     import torch
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
 
     spec = ctx.recipe.train
     accelerator, cuda, precision = make_accelerator(ctx, spec.seed)
@@ -216,13 +242,8 @@ def run(ctx: StageContext) -> dict:
     model = load_model(spec, base_dir, precision)
     if spec.neftune_alpha is not None:
         add_neftune(model, spec.neftune_alpha)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = get_scheduler(SCHEDULERS[spec.scheduler], optimizer,
-                              num_warmup_steps=math.ceil(len(steps) * spec.warmup_ratio),
-                              num_training_steps=len(steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    model, optimizer, scheduler, trainable = make_optimizer(model, accelerator, spec, len(steps),
+                                                            spec.weight_decay)
 
     # Resume: an interrupted run of these exact inputs left a checkpoint under the stage key.
     folder = checkpoint_folder(ctx.project.cache_dir, ctx.stage.key)
@@ -254,12 +275,7 @@ def run(ctx: StageContext) -> dict:
             step_loss += loss.detach().item() / world
         if world > 1:
             step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item()
-        if spec.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer_step(accelerator, trainable, optimizer, scheduler, spec.max_grad_norm)
         step = index + 1
         curve.append((step, group[-1][0], step_loss, lr))
         if spec.eval_steps and step % spec.eval_steps == 0 and step < len(steps):
