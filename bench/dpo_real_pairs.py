@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/dpo_real_pairs.py [--pairs demo|seed] [--keep DIR]
 
-`--pairs seed` (the default when ../shared/data is there) builds pairs from the 175 human-written
+`--pairs seed` (the default when ../shared/data is there) builds 88 pairs from the 175 human-written
 Self-Instruct seed tasks: the prompt is a task's instruction (and input), chosen its own answer,
-rejected the answer of another task (off-task). `--pairs demo` uses data/demo_pairs.jsonl. In a
+rejected the answer of a task from the other half (off-task). `--pairs demo` uses data/demo_pairs.jsonl. In a
 temporary git + DVC repo holding recipes/default-dpo.yaml (its preference sources pointed at those
 pairs), it runs `tunefile dvc` and `dvc repro`, prints the held-out preference accuracy of the SFT
 model and of the model after DPO (build/<recipe>/eval/metrics.json), then edits preference.beta and
@@ -32,14 +32,17 @@ RECIPE = "default-dpo"
 
 
 def seed_task_pairs(path: Path, seed: int = 0) -> list[dict]:
-    """One pair per seed task: its own first answer chosen, another task's answer rejected."""
+    """Pairs from the seed tasks: a task's own answer chosen, the answer of a task from a disjoint
+    pool rejected (off-task). Disjoint, so no answer is chosen in one pair and rejected in another
+    (DPO would raise it in one and lower it in the other)."""
     tasks = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rng = random.Random(seed)
+    random.Random(seed).shuffle(tasks)
+    prompts, distractors = tasks[:len(tasks) // 2 + 1], tasks[len(tasks) // 2 + 1:]
     rows = []
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(prompts):
         instance = task["instances"][0]
         prompt = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"].strip() else "")
-        other = tasks[(i + rng.randrange(1, len(tasks))) % len(tasks)]["instances"][0]["output"]
+        other = distractors[i % len(distractors)]["instances"][0]["output"]
         if other.strip() != instance["output"].strip():
             rows.append({"prompt": prompt, "chosen": instance["output"], "rejected": other})
     return rows
@@ -72,7 +75,7 @@ def main() -> int:
         rows = seed_task_pairs(SHARED / "alpaca_seed_tasks.jsonl")
         (root / "data" / "seed_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         recipe = recipe.replace("{name: demo_pairs, path: data/demo_pairs.jsonl", "{name: seed_pairs, path: data/seed_pairs.jsonl")
-        recipe = recipe.replace("eval_size: 16 ", "eval_size: 35 ")
+        recipe = recipe.replace("eval_size: 16 ", "eval_size: 24 ")
     (root / "recipes" / f"{RECIPE}.yaml").write_text(recipe)
     (root / "params.yaml").write_text(f"recipes: [{RECIPE}]\ndevice: cpu\ncache_dir: .tunefile\n")
     sh(root, "git", "init", "-q")

@@ -20,6 +20,15 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _preference_lines(recipe, stage_dir) -> list[str]:  # noqa: ANN001
+    """The preference stage's held-out numbers (nothing for a recipe without one: same card bytes)."""
+    if recipe.preference is None:
+        return []
+    held = _read_json(stage_dir("preference") / "metrics.json").get("held_out") or {}
+    return ["", f"Preference tuning ({recipe.preference.method}): held-out preference accuracy {held.get('accuracy_sft')} "
+                f"(SFT) -> {held.get('accuracy')} over {held.get('pairs')} pairs."]
+
+
 def render_model_card(recipe, plan: dict, stage_dir, gguf_file: str) -> str:
     """Markdown for the GGUF folder; `stage_dir(name)` gives an upstream stage's folder."""
     stats = _read_json(stage_dir("dataset") / "stats.json")
@@ -32,13 +41,16 @@ def render_model_card(recipe, plan: dict, stage_dir, gguf_file: str) -> str:
         f"# {recipe.name}",
         "",
         f"`{gguf_file}` was built by tunefile {__version__} from recipe `{recipe.name}`: base model "
-        f"`{recipe.base.model}`, chat template `{recipe.template}`, fine-tuned with {recipe.train.method}.",
+        f"`{recipe.base.model}`, chat template `{recipe.template}`, fine-tuned with {recipe.train.method}"
+        + (f", then preference-tuned with {recipe.preference.method} (beta {recipe.preference.beta})."
+           if recipe.preference is not None else "."),
         "",
         "## Lineage",
         "",
         "| stage | key |",
         "|---|---|",
-        *[f"| {name} | `{plan[name].key}` |" for name in ("base", "dataset", "train", "merge", "gguf")],
+        *[f"| {name} | `{plan[name].key}` |" for name in ("base", "dataset", "pairs", "train", "preference", "merge", "gguf")
+          if name in plan],
         "",
         "## Data",
         "",
@@ -56,6 +68,7 @@ def render_model_card(recipe, plan: dict, stage_dir, gguf_file: str) -> str:
         "",
         f"Final train loss {metrics.get('train_loss')}, eval loss {metrics.get('eval_loss')} "
         f"over {metrics.get('steps')} steps.",
+        *_preference_lines(recipe, stage_dir),
         "",
         "## Use",
         "",
