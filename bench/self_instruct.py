@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/self_instruct.py [--count 2000] [--concurrency 8]
 
-A canned OpenAI-compatible server answers at once (random tasks over a large vocabulary, some
-near-copies and some the filters must drop), so what is timed is tunefile: prompts, parsing, the
+A canned OpenAI-compatible server answers at once (tasks drawn from bench/rouge_filter.py's
+candidates: natural word statistics, a third near-copies; and some the filters must drop), so what is timed is tunefile: prompts, parsing, the
 filters with the ROUGE-L index, the request cache and the HTTP round trips. Measured in one run:
 a cold build (every request sent), a rebuild from the request cache (stage store emptied: no
 request sent), and doubling `count` (only the new rounds' requests sent). Seeds: the 175 Alpaca
@@ -25,30 +25,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_SEEDS = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
-VERBS = ["Write", "Explain", "List", "Describe", "Suggest", "Compare", "Summarize", "Rewrite", "Classify", "Translate",
-         "Plan", "Outline", "Evaluate", "Name", "Create", "Give", "Find", "Identify", "Recommend", "Correct"]
-FILLER = ["a short", "three", "the main", "a simple", "two different", "some", "the best", "a clear", "five", "a few"]
 BAD = ["Draw a map of the town.", "Plot the data.", "Go.", "- a list", "Écrivez une phrase.", "Watch this video."]
 
 
-def reply_for(prompt: str, rng: random.Random, vocabulary: list[str], lock: threading.Lock) -> str:
-    """Tasks for an instruction prompt, Yes/No for a classification question, instances otherwise."""
+def reply_for(prompt: str, rng: random.Random, pool: list[str], lock: threading.Lock) -> str:
+    """Tasks for an instruction prompt (natural word statistics and near-copies, from
+    bench/rouge_filter.py, and some the filters must drop), Yes/No for a classification question,
+    instances otherwise."""
     with lock:
         if prompt.rstrip().endswith("Is it classification?"):
             return rng.choice(["Yes", "No", "No"])
         if not prompt.rstrip().endswith(":"):  # an instance prompt
+            words = rng.choice(pool).split()
             if "is a classification task" in prompt.split("\n\n")[0]:
-                return "Class label: A\nInput: " + " ".join(rng.choices(vocabulary, k=8)) + "\nClass label: B\nInput: x y"
-            return f"Input: {' '.join(rng.choices(vocabulary, k=6))}\nOutput: {' '.join(rng.choices(vocabulary, k=20))}"
-        tasks = []
-        for _ in range(6):
-            if rng.random() < 0.1:
-                tasks.append(rng.choice(BAD))
-            elif rng.random() < 0.15 and tasks:
-                tasks.append(tasks[-1].replace(".", " now."))  # a near-copy for the novelty filter
-            else:
-                words = " ".join(rng.choices(vocabulary, k=rng.randint(4, 12)))
-                tasks.append(f"{rng.choice(VERBS)} {rng.choice(FILLER)} {words}.")
+                return f"Class label: A\nInput: {' '.join(words)}\nClass label: B\nInput: {' '.join(words[::-1])}"
+            return f"Input: {' '.join(words[:4])}\nOutput: {' '.join(words)} {rng.choice(pool)}"
+        tasks = [rng.choice(BAD) if rng.random() < 0.1 else rng.choice(pool) for _ in range(6)]
         return " " + tasks[0] + "".join(f"\nTask {10 + k}: {t}" for k, t in enumerate(tasks[1:]))
 
 
@@ -58,10 +50,11 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class InstantTeacher:
-    def __init__(self, seed: int = 0):
+    def __init__(self, size: int, seed: int = 0):
+        from rouge_filter import candidates, seeds  # bench/ is on the path when a bench runs
+
         rng, lock = random.Random(seed), threading.Lock()
-        vocabulary = [f"{a}{b}" for a in ("re", "co", "ma", "ti", "lo", "ne", "sa", "po", "ki", "du", "fe", "gu")
-                      for b in ("bra", "dix", "men", "tor", "lum", "vas", "pex", "rin", "sol", "tua", "wen", "zor")]
+        pool = candidates(seeds(), size, seed)
         self.sent = 0
         teacher = self
 
@@ -70,7 +63,7 @@ class InstantTeacher:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 teacher.sent += 1
                 prompt = body["messages"][-1]["content"]
-                text = reply_for(prompt, rng, vocabulary, lock)
+                text = reply_for(prompt, rng, pool, lock)
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                                    "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}).encode()
                 self.send_response(200)
@@ -129,7 +122,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
-    teacher = InstantTeacher()
+    teacher = InstantTeacher(size=20 * args.count)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "p"

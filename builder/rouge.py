@@ -123,8 +123,9 @@ class NoveltyIndex:
         bag = Counter(tokens)
         best, best_id = None, None
         for k in sorted(k for k, count in found.items() if count > 0):
-            n = len(self.kept[k])
-            if 2 * sum((bag & self.bags[k]).values()) / (m + n) <= t:  # LCS <= multiset overlap
+            n, other = len(self.kept[k]), self.bags[k]
+            overlap = sum(min(c, other[w]) for w, c in bag.items() if w in other)  # no Counter built per pair
+            if 2 * overlap / (m + n) <= t:  # LCS <= multiset overlap
                 continue
             self.comparisons += 1
             score = rouge_l_f(tokens, self.kept[k])
