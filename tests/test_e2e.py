@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 STAGES = ["base", "dataset", "train", "merge", "gguf", "eval@base", "eval@f16", "quantize@q8_0", "eval@q8_0", "quantize@q4_k_m",
           "eval@q4_k_m"]
-KINDS = ["base", "dataset", "train", "merge", "gguf", "quantize", "eval"]  # the DVC stages of a recipe
+KINDS = ["generate", "base", "dataset", "pairs", "train", "preference", "merge", "gguf", "quantize", "eval"]  # the DVC stages of a recipe
 DETERMINISTIC_FILES = ["dataset/train.parquet", "dataset/eval.parquet", "dataset/rejects.jsonl",
                        "base/model.safetensors", "train/adapter_model.safetensors", "train/adapter_config.json",
                        "merge/model.safetensors", "gguf/model-f16.gguf", "quantize/q8_0/model-q8_0.gguf",
@@ -236,7 +236,8 @@ def test_batched_answers_are_the_answers_one_at_a_time(repo):
 
 def test_second_repro_is_a_no_op(repo):
     stamps = {p: p.stat().st_mtime_ns for p in (repo / "build" / "default").rglob("manifest.json")}
-    assert len(stamps) == len(STAGES)
+    placeholders = {repo / "build" / "default" / kind / "manifest.json" for kind in ("generate", "pairs", "preference")}
+    assert len(stamps) == len(STAGES) + len(placeholders) and placeholders <= set(stamps)  # kinds it does not build
     output = sh(repo, "dvc", "repro")
     assert ran(output) == []  # not even resolve: its deps (recipes, params.yaml, sources) are unchanged
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -299,7 +300,9 @@ def edit(path: Path, old: str, new: str) -> None:
 def test_editing_lr_does_not_rebuild_the_dataset(repo):
     edit(repo / "recipes" / "default.yaml", "lr: 2.0e-4", "lr: 1.0e-4")
     output = sh(repo, "dvc", "repro")
-    assert ran(output) == ["resolve", "default-train", "default-merge", "default-gguf", "default-quantize", "default-eval"]
+    # default-preference reads train's folder: it reruns, and finds no preference section (its placeholder stays).
+    assert ran(output) == ["resolve", "default-train", "default-preference", "default-merge", "default-gguf",
+                           "default-quantize", "default-eval"]
     plan = sh(repo, "tunefile", "plan", "default")
     assert all(line.endswith("up to date") for line in plan.strip().splitlines()), plan
 

@@ -71,8 +71,8 @@ def train_step(model, accelerator, group: list, pad_id: int, beta: float) -> dic
         # DDP averages gradients over processes: the mean over the step's pairs needs `* world`.
         accelerator.backward(terms["loss"].sum() / len(group) * world)
         sums = torch.stack([terms[name].detach().sum() for name in TERMS])
-    else:  # a process with no pair still joins the gradient all-reduce, with zero weight
-        accelerator.backward(sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0)
+    else:  # a process with no pair still joins the gradient all-reduce (a forward and backward), with zero weight
+        accelerator.backward(sequence_logps(model, pair_batch(group[:1], pad_id), accelerator.device).sum() * 0.0)
     if world > 1:
         sums = accelerator.reduce(sums, "sum")
     return dict(zip(TERMS, (float(v) / len(group) for v in sums.tolist())))
