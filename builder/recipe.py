@@ -265,19 +265,20 @@ class PreferenceSpec(Strict):
     eval_steps: Optional[int] = Field(default=None, gt=0)  # held-out terms every N steps (and at 0 and the end)
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _check_sources(self) -> "PreferenceSpec":
-        names = [s.name for s in self.sources]
+    @field_validator("sources")
+    @classmethod
+    def _check_sources(cls, sources: tuple[SourceSpec, ...]) -> tuple[SourceSpec, ...]:
+        names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"preference source names repeat: {names}")
-        for source in self.sources:
+        for source in sources:
             if source.format != "preference":
                 raise ValueError(f"preference source '{source.name}' has format {source.format}; "
                                  "preference pairs are read with format: preference (prompt, chosen, rejected)")
             if source.generate is not None or source.epochs is not None:
                 raise ValueError(f"preference source '{source.name}': generate and epochs apply to "
                                  "`sources` only; every pair is used once per preference epoch")
-        return self
+        return sources
 
 
 class GgufSpec(Strict):

@@ -288,3 +288,52 @@ def test_two_processes_train_preference_like_one(trained, tmp_path):
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-5), (a, b)
     two, one = (load_file(str(p / "build/r/preference/adapter_model.safetensors")) for p in (root, trained))
     assert sorted(two) == sorted(one) and all(torch.allclose(two[n], one[n], rtol=1e-4, atol=1e-6) for n in two)
+
+
+def test_sigkill_during_the_preference_stage_then_a_rerun_gives_the_same_bytes(trained, tmp_path):
+    """`tunefile stage preference` killed (SIGKILL, the whole process group) once it has written a
+    checkpoint; the rerun resumes from it and publishes the bytes of an uninterrupted build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "killed"
+    shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("checkpoint_steps: 3", "checkpoint_steps: 2"))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(bin_dir / "tunefile"), "stage", "preference", "r"]
+    process = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not list(root.glob(".tunefile/checkpoints/*/step-*")):
+        assert process.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (root / "build/r/preference").exists()
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((root / "build/r/preference/manifest.json").read_text())["summary"]
+    assert summary["resumed_from_step"] in (2, 4)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "steps.csv", "eval.csv", "metrics.json"):
+        assert (root / "build/r/preference" / name).read_bytes() == (trained / "build/r/preference" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("format: preference}", r"r\.yaml:\d+: preference.sources: .*preference source 'pairs' has format alpaca"),
+    ("beta: 0.1", r"r\.yaml:\d+: preference.beta: Input should be greater than 0"),
+    ("path: data/pairs.jsonl", r"r\.yaml:\d+: source 'pairs': no file matches 'data/nope.jsonl'"),
+])
+def test_bad_preference_sections_fail_validation_with_file_and_line(tmp_path, tiny_base, edit, message):  # noqa: F811
+    from builder.errors import RecipeError
+
+    root = make_dpo(tmp_path / "v", tiny_base)
+    recipe = root / "recipes" / "r.yaml"
+    replacement = {"format: preference}": "format: alpaca}", "beta: 0.1": "beta: 0",
+                   "path: data/pairs.jsonl": "path: data/nope.jsonl"}[edit]
+    recipe.write_text(recipe.read_text().replace(edit, replacement))
+    with pytest.raises(RecipeError, match=message):
+        load_project(root).load_recipe("r")
