@@ -364,9 +364,6 @@ class Recipe(Strict):
         if self.mixture.size is not None and any(s.epochs is not None for s in self.sources):
             raise ValueError("sources[].epochs sets passes over a source when mixture.size is omitted; "
                              "with mixture.size, weights decide each source's share")
-        if self.preference is not None and self.train.method == "qlora":
-            raise ValueError("preference trains over the SFT model merged in memory, which a 4-bit QLoRA "
-                             "base cannot hold; use train.method: lora (or full) with a preference section")
         if self.mixture.eval_size is not None and any(s.eval_fraction is not None for s in self.sources):
             raise ValueError("mixture.eval_size picks the eval split over all sources; drop "
                              "sources[].eval_fraction or use mixture.eval_fraction")
@@ -463,6 +460,10 @@ def load_recipe(path: Path, root: Path | None = None, checks: tuple[Check, ...] 
     except ValidationError as exc:
         raise RecipeError(format_errors(doc, exc, Recipe)) from None
     problems = _check_files(doc, recipe, root) + [p for check in checks for p in check(doc, recipe)]
+    if recipe.preference is not None and recipe.train.method == "qlora":
+        problems.append(f"{doc.where(('train', 'method'))}: train.method: qlora cannot take a preference section: "
+                        "preference trains over the SFT model merged in memory, which a 4-bit base cannot hold; "
+                        "use lora (or full)")
     if recipe.name != path.stem:
         problems.append(f"{doc.where(('name',))}: name '{recipe.name}' must match the file name "
                         f"'{path.stem}' (it names the build folder and DVC stages)")

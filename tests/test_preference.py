@@ -326,6 +326,7 @@ def test_sigkill_during_the_preference_stage_then_a_rerun_gives_the_same_bytes(t
     ("format: preference}", r"r\.yaml:\d+: preference.sources: .*preference source 'pairs' has format alpaca"),
     ("beta: 0.1", r"r\.yaml:\d+: preference.beta: Input should be greater than 0"),
     ("path: data/pairs.jsonl", r"r\.yaml:\d+: source 'pairs': no file matches 'data/nope.jsonl'"),
+    ("  max_length: 96\n  packing", r"r\.yaml:\d+: train.method: qlora cannot take a preference section"),
 ])
 def test_bad_preference_sections_fail_validation_with_file_and_line(tmp_path, tiny_base, edit, message):  # noqa: F811
     from builder.errors import RecipeError
@@ -333,7 +334,8 @@ def test_bad_preference_sections_fail_validation_with_file_and_line(tmp_path, ti
     root = make_dpo(tmp_path / "v", tiny_base)
     recipe = root / "recipes" / "r.yaml"
     replacement = {"format: preference}": "format: alpaca}", "beta: 0.1": "beta: 0",
-                   "path: data/pairs.jsonl": "path: data/nope.jsonl"}[edit]
+                   "path: data/pairs.jsonl": "path: data/nope.jsonl",
+                   "  max_length: 96\n  packing": "  method: qlora\n  max_length: 96\n  packing"}[edit]
     recipe.write_text(recipe.read_text().replace(edit, replacement))
     with pytest.raises(RecipeError, match=message):
         load_project(root).load_recipe("r")
