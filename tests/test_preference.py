@@ -58,6 +58,15 @@ def rows_of(root: Path, name: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def tunefile_env() -> tuple[str, dict]:
+    """The venv's tunefile and an environment whose PATH finds it (and accelerate's launcher)."""
+    import os
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    return str(bin_dir / "tunefile"), {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
 def test_pairs_have_labels_on_the_answer_only_and_a_shared_prompt(tiny_tokenizer):
     from builder.pairs import tokenize_pairs
     from builder.records import make_conversation
@@ -262,9 +271,7 @@ def test_two_processes_train_preference_like_one(trained, tmp_path):
     """params.yaml `launch: {num_processes: 2}`: `tunefile stage preference` runs under accelerate
     launch (gloo DDP on CPU), each process takes half of every step's pairs, rank 0 publishes. The
     same losses and adapter as one process, within float tolerance (threads and reduction order differ)."""
-    import os
     import subprocess
-    import sys
 
     import torch
     from safetensors.torch import load_file
@@ -273,10 +280,9 @@ def test_two_processes_train_preference_like_one(trained, tmp_path):
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
     with open(root / "params.yaml", "a") as f:
         f.write("launch: {num_processes: 2}\n")
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([str(bin_dir / "tunefile"), "stage", "preference", "r"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    tunefile, env = tunefile_env()
+    done = subprocess.run([tunefile, "stage", "preference", "r"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "r/preference: accelerate launch --multi_gpu --num_processes 2" in done.stderr
     assert done.stdout.count("r/preference: built") == 1
@@ -296,15 +302,13 @@ def test_sigkill_during_the_preference_stage_then_a_rerun_gives_the_same_bytes(t
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     root = tmp_path / "killed"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
     (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("checkpoint_steps: 3", "checkpoint_steps: 2"))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [str(bin_dir / "tunefile"), "stage", "preference", "r"]
+    tunefile, env = tunefile_env()
+    cmd = [tunefile, "stage", "preference", "r"]
     process = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 300
