@@ -12,7 +12,6 @@ seed tasks from ../shared/data when present, else the repo's demo seed tasks.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import random
 import shutil
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 SHARED_SEEDS = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
 BAD = ["Draw a map of the town.", "Plot the data.", "Go.", "- a list", "Écrivez une phrase.", "Watch this video."]
 
@@ -44,43 +43,24 @@ def reply_for(prompt: str, rng: random.Random, pool: list[str], lock: threading.
         return " " + tasks[0] + "".join(f"\nTask {10 + k}: {t}" for k, t in enumerate(tasks[1:]))
 
 
-class Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 128  # socketserver's 5 drops connections of a concurrent client (a 1 s SYN retry each)
-    daemon_threads = True
-
-
 class InstantTeacher:
+    """The tests' canned OpenAI-compatible server (tests/conftest.py), answering at once."""
+
     def __init__(self, size: int, seed: int = 0):
+        from conftest import CannedChat  # tests/ is on the path (see the top of this file)
         from rouge_filter import candidates, seeds  # bench/ is on the path when a bench runs
 
         rng, lock = random.Random(seed), threading.Lock()
         pool = candidates(seeds(), size, seed)
-        self.sent = 0
-        teacher = self
+        self.canned = CannedChat(lambda prompt: reply_for(prompt, rng, pool, lock))
+        self.url = self.canned.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                teacher.sent += 1
-                prompt = body["messages"][-1]["content"]
-                text = reply_for(prompt, rng, pool, lock)
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                                   "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # noqa: ANN002
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def sent(self) -> int:
+        return len(self.canned.requests)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.canned.close()
 
 
 def make_project(root: Path, url: str, count: int, concurrency: int) -> None:

@@ -86,6 +86,8 @@ def build_recipe(project: Project, recipe_name: str, until: str | None, say: Say
         if until is None:
             for kind in PIPELINE:
                 _tidy(project, recipe, kind, plan, say)
+        elif any(plan[name].kind == "generate" for name in names):
+            _link_generated(project, recipe, members(list(plan.values()), "generate"))
     return recipe
 
 

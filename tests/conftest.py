@@ -78,9 +78,10 @@ class Server(http.server.ThreadingHTTPServer):
 
 class CannedChat:
     """An OpenAI-compatible /v1/chat/completions server on 127.0.0.1, written for the tests: it
-    answers with reply(prompt) and records every request (path, headers, body)."""
+    answers with reply(prompt) and records every request (path, headers, body). With chat=False
+    it serves /v1/completions only (chat answers 404), as some servers do."""
 
-    def __init__(self, reply, fail_first: int = 0, answer_at_most: int | None = None):  # noqa: ANN001
+    def __init__(self, reply, fail_first: int = 0, answer_at_most: int | None = None, chat: bool = True):  # noqa: ANN001
         import threading
 
         canned = self
@@ -93,9 +94,9 @@ class CannedChat:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 record = {"path": self.path, "headers": dict(self.headers), "body": body}
                 canned.requests.append(record)
-                if canned.fail_first > 0:
-                    canned.fail_first -= 1
-                    self.send_response(503)
+                if canned.fail_first > 0 or self.path.endswith("/chat/completions") != chat:
+                    canned.fail_first -= self.path.endswith("/chat/completions") == chat
+                    self.send_response(503 if self.path.endswith("/chat/completions") == chat else 404)
                     self.end_headers()
                     return
                 with canned.lock:
@@ -105,10 +106,11 @@ class CannedChat:
                 if hold:
                     canned.gate.wait()
                     return
-                text = reply(body["messages"][-1]["content"])
-                usage = {"prompt_tokens": len(body["messages"][-1]["content"].split()), "completion_tokens": len(text.split())}
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
-                                                "finish_reason": "stop"}], "usage": usage}).encode()
+                prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+                text = reply(prompt)
+                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+                choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                data = json.dumps({"choices": [{**choice, "finish_reason": "stop"}], "usage": usage}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -131,7 +133,8 @@ class CannedChat:
         return sum(1 for r in self.requests if r.get("answered"))
 
     def prompts(self, answered_only: bool = False) -> list[str]:
-        return [r["body"]["messages"][-1]["content"] for r in self.requests if r.get("answered") or not answered_only]
+        return [r["body"]["messages"][-1]["content"] if "messages" in r["body"] else r["body"]["prompt"]
+                for r in self.requests if r.get("answered") or not answered_only]
 
     def close(self) -> None:
         self.gate.set()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_project, small_recipe
+from conftest import REPO, make_project, run_in, small_recipe, stages_run
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -38,15 +38,7 @@ DETERMINISTIC_FILES = ["dataset/train.parquet", "dataset/eval.parquet", "dataset
                        "quantize/q4_k_m/model-q4_k_m.gguf"]
 
 
-def sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
-
-
-def ran(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+sh, ran = run_in, stages_run  # a command in the project (venv first on PATH); the DVC stages it ran
 
 
 @pytest.fixture(scope="module")

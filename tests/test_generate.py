@@ -329,39 +329,17 @@ def test_cut_off_or_unlabelled_instance_replies_give_no_instance():
 
 def test_a_teacher_server_without_a_chat_endpoint_is_asked_for_completions(tmp_path, monkeypatch):
     """A server with /v1/completions only (a 404 for chat) gets the prompt as plain text."""
-    import http.server
-    import threading
-
-    rng, paths = random.Random(0), []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            paths.append(self.path)
-            if self.path.endswith("/chat/completions"):
-                self.send_response(404)
-                self.end_headers()
-                return
-            data = json.dumps({"choices": [{"text": teacher_reply(body["prompt"], rng), "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):  # noqa: ANN002
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rng = random.Random(0)
+    server = CannedChat(lambda prompt: teacher_reply(prompt, rng), chat=False)
     try:
         monkeypatch.setenv("TEACHER_KEY", "k")
-        root = make_gen_project(tmp_path / "p", f"http://127.0.0.1:{server.server_port}/v1", count=5)
+        root = make_gen_project(tmp_path / "p", server.url, count=5)
         build_generate(root)
         assert len(read_jsonl(out(root, "generated.jsonl"))) == 5
+        paths = [r["path"] for r in server.requests]
         assert paths.count("/v1/chat/completions") == 1 and paths.count("/v1/completions") > 4  # one 404, then completions
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_tasks_written_with_their_instances_need_no_instance_request(tmp_path, monkeypatch):

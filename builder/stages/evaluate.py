@@ -21,6 +21,7 @@ from pathlib import Path
 from builder import __version__
 
 from builder.errors import StageError
+from builder.files import write_jsonl
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
 from builder.templates import append_eos, read_template, render_chat, saved_chat_template, stop_texts
@@ -239,11 +240,6 @@ def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str,
     return out, records
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-
-
 def run_judge(ctx: StageContext, records: list[dict]) -> tuple[dict, dict]:
     """The pairwise judge of this file's answers against the base model's (eval@base's answers.jsonl):
     metrics, the verdict cache's counts, and judge.jsonl with every judge prompt and raw reply.
@@ -251,6 +247,7 @@ def run_judge(ctx: StageContext, records: list[dict]) -> tuple[dict, dict]:
     gave the answers."""
     from builder.hashing import hash_file
     from builder.judge import GgufJudge, OpenAIJudge, Pair, judge_pairs
+    from builder.served import api_key
     from builder.lmeval import ItemCache
 
     spec, endpoints = ctx.recipe.evaluate.judge, ctx.project.params.endpoints
@@ -263,10 +260,7 @@ def run_judge(ctx: StageContext, records: list[dict]) -> tuple[dict, dict]:
             raise StageError(f"evaluate.judge.gguf: {spec.gguf} is not a file")
         identity, judge, concurrency = f"gguf:{hash_file(path)}", GgufJudge(path), 1
     else:
-        key = os.environ.get(endpoints.api_key_env) if endpoints.api_key_env else None
-        if endpoints.api_key_env and not key:
-            raise StageError(f"evaluate.judge: params.yaml endpoints.api_key_env names {endpoints.api_key_env}, "
-                             "which is not set in the environment")
+        key = api_key(ctx.project, "evaluate.judge")
         served = spec.openai
         identity = f"openai:{served.model}" + (f"@{served.revision}" if served.revision else "")
         judge = OpenAIJudge(served.base_url, served.model, key, endpoints.timeout_s, endpoints.retries)
