@@ -127,10 +127,8 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
         if kind == "generate":
             _link_generated(project, recipe, group)
         # An empty folder is no DVC out: a recipe without stages of this kind gets a placeholder.
-        placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
-                       "not_built": f"{recipe.name} builds no {kind} stage"}
-        if not group and read_manifest(folder) != placeholder:
-            write_json(folder / "manifest.json", placeholder)
+        if not group and read_manifest(folder) != _placeholder(recipe, kind):
+            write_json(folder / "manifest.json", _placeholder(recipe, kind))
         elif group and (folder / "manifest.json").is_file():
             (folder / "manifest.json").unlink()
         if kind == "eval":
@@ -140,14 +138,17 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
             write_json(folder / "metrics.json", metrics)
             write_eval_png(metrics, folder / "metrics.png")
     elif not group:
-        section = "preference" if kind in ("pairs", "preference") else "export"
-        placeholder = {"recipe": recipe.name, "stage": kind, "key": None,
-                       "not_built": f"{recipe.name} builds no {kind} stage (see its {section} section)"}
-        if read_manifest(folder) != placeholder:
+        if read_manifest(folder) != _placeholder(recipe, kind):
             shutil.rmtree(folder, ignore_errors=True)
-            write_json(folder / "manifest.json", placeholder)
+            write_json(folder / "manifest.json", _placeholder(recipe, kind))
             if kind == "preference":  # dvc.yaml lists its metrics for every recipe
                 write_json(folder / "metrics.json", {})
+
+
+def _placeholder(recipe: Recipe, kind: str) -> dict:
+    """The manifest of a kind's folder when the recipe builds no stage of that kind."""
+    where = "" if kind in GROUPED else f" (see its {'preference' if kind in ('pairs', 'preference') else 'export'} section)"
+    return {"recipe": recipe.name, "stage": kind, "key": None, "not_built": f"{recipe.name} builds no {kind} stage{where}"}
 
 
 def _link_generated(project: Project, recipe: Recipe, group: list[Stage]) -> None:

@@ -234,10 +234,6 @@ def classification_answer(reply: str) -> bool | None:
     return None if word is None else word.group(1) == "yes"
 
 
-def is_classification(reply: str) -> bool:
-    """A Yes/No answer; anything else is taken as not classification (the input-first prompt)."""
-    return bool(classification_answer(reply))
-
 
 # Prompts -------------------------------------------------------------------------------------------------
 

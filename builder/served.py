@@ -220,14 +220,16 @@ def api_key(project, what: str) -> str | None:  # noqa: ANN001
 def open_served(spec, project, what: str) -> tuple[object, str, int]:  # noqa: ANN001
     """(client, identity, concurrency) for a ServedModel: a GGUF file runs one request at a time;
     an endpoint takes params.yaml `endpoints.concurrency` at once."""
-    from builder.hashing import hash_file
+    from builder.hashing import StatCache
     from builder.versions import library_version
 
     if spec.gguf is not None:
         path = project.root / spec.gguf
         if not path.is_file():
             raise StageError(f"{what}.gguf: {spec.gguf} is not a file")
-        identity = f"gguf:{hash_file(path)}:llama-cpp-python-{library_version('llama_cpp_python')}"
+        stat = StatCache(project.cache_dir / "stat-cache.json")  # planning digested it: no second read of the file
+        identity = f"gguf:{stat.digest(path)}:llama-cpp-python-{library_version('llama_cpp_python')}"
+        stat.save()
         return GgufModel(path, what), identity, 1
     served, endpoints = spec.openai, project.params.endpoints
     identity = f"openai:{served.model}" + (f"@{served.revision}" if served.revision else "")

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, CannedChat
 
 from builder.errors import DataError, StageError
-from builder.selfinstruct import (InstructionFilter, check_instances, is_classification, parse_instances,
+from builder.selfinstruct import (InstructionFilter, check_instances, classification_answer, parse_instances,
                                   parse_instructions, read_seed_tasks)
 
 SHARED_SEEDS = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
@@ -153,7 +153,7 @@ def test_instances_input_first_output_first_and_the_paper_instance_rules():
     kept, dropped = check_instances("Add the numbers.", [("1 2", "3"), ("1 2", "3"), ("x", "x"), ("y", ""), ("None", "ok")])
     assert kept == [{"input": "1 2", "output": "3"}, {"input": "", "output": "ok"}]
     assert sorted(dropped) == ["empty output", "output repeats the input", "repeated instance"]
-    assert is_classification("Yes.") and not is_classification("No") and not is_classification("It depends")
+    assert [classification_answer(r) for r in ("Yes.", "No", "It depends", "no, but yes")] == [True, False, None, False]
 
 
 def test_bad_seed_tasks_name_their_line(tmp_path):

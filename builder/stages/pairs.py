@@ -7,11 +7,10 @@ rejects.jsonl (source, file, row, reason, detail) and stats.json (counts per sou
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 from builder.errors import DataError
-from builder.files import write_json
+from builder.files import write_json, write_jsonl
 from builder.pairs import cap_pairs, split_pairs, tokenize_pairs, write_pairs
 from builder.sources import read_source
 from builder.stages import StageContext
@@ -41,8 +40,7 @@ def run(ctx: StageContext) -> dict:
                         + (f": {first}" if first else ""))
     write_pairs(ctx.out_dir / "train.parquet", train)
     write_pairs(ctx.out_dir / "eval.parquet", held)
-    (ctx.out_dir / "rejects.jsonl").write_text("".join(
-        json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+    write_jsonl(ctx.out_dir / "rejects.jsonl", [r.to_dict() for r in rejects])
     stats = {}
     for source in spec.sources:
         name = source.name

@@ -13,7 +13,6 @@ after DPO (does it give chosen the higher log-probability?).
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -21,11 +20,12 @@ from pathlib import Path
 from builder.checkpoints import checkpoint_folder, clear_checkpoints, load_latest, save_checkpoint
 from builder.dpo import TERMS, dpo_terms, evaluate_pairs, pair_batch, reference_logps, sequence_logps
 from builder.errors import StageError
+from builder.files import write_json
 from builder.pairs import read_pairs
 from builder.stages import StageContext
 from builder.stages.merge import load_sft_model
 from builder.stages.train import (checkpoint_state, epoch_order, make_accelerator, make_optimizer, optimizer_step,
-                                  restore_checkpoint, save_adapter, write_csv)
+                                  pad_token_id, restore_checkpoint, save_adapter, write_csv)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -91,8 +91,7 @@ def run(ctx: StageContext) -> dict:
     # Order matters, as in train: seed before the adapter is built (its A matrices are drawn at random).
     accelerator, cuda, precision = make_accelerator(ctx, spec.seed)
     base_dir, pairs_dir = ctx.input_dir("base"), ctx.input_dir("pairs")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(AutoTokenizer.from_pretrained(base_dir))
     train_pairs, held_out = read_pairs(pairs_dir / "train.parquet"), read_pairs(pairs_dir / "eval.parquet")
     steps = draw_steps(train_pairs, spec.batch_size, spec.epochs, spec.seed)
     if not steps:
@@ -148,7 +147,7 @@ def run(ctx: StageContext) -> dict:
                "train_loss": round(curve[-1][2], 6), "train_accuracy": round(curve[-1][6], 6), "held_out": held,
                "trainable_parameters": sum(p.numel() for p in trainable), "device": str(accelerator.device),
                "precision": precision, "beta": spec.beta}
-    (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    write_json(ctx.out_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         clear_checkpoints(folder)

@@ -216,6 +216,11 @@ def write_csv(path, header: str, rows: list[str]) -> None:  # noqa: ANN001
         f.writelines(row + "\n" for row in rows)
 
 
+def pad_token_id(tokenizer) -> int:  # noqa: ANN001
+    """What batches are padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def run(ctx: StageContext) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -224,7 +229,7 @@ def run(ctx: StageContext) -> dict:
     accelerator, cuda, precision = make_accelerator(ctx, spec.seed)
     base_dir, data_dir = ctx.input_dir("base"), ctx.input_dir("dataset")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     train_examples = read_split(data_dir / "train.parquet")
     eval_batches = make_batches(read_split(data_dir / "eval.parquet"), spec.batch_size, spec.packing,
                                 spec.max_length, pad_id)
