@@ -114,9 +114,9 @@ def write_sources(root: Path, alpaca_rows: int, chat_rows: int) -> None:
 
 
 def bench_one_source_edit(work: Path, alpaca_rows: int, chat_rows: int) -> None:
-    from builder.plan import plan_stages
-    from builder.project import load_project
-    from builder.stages import run_stage
+    from builder.engine.plan import plan_stages
+    from builder.engine.runner import run_stage
+    from builder.recipe.project import load_project
 
     root = make_project(work / "edit", ["default"], size=4000)
     write_sources(root, alpaca_rows, chat_rows)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.templates import BUILTIN_TEMPLATES, render_chat  # noqa: E402
-from builder.templates.tokens import IGNORE_INDEX, tokenize_chat  # noqa: E402
+from builder.templates import BUILTIN_TEMPLATES, render_chat
+from builder.templates.tokens import IGNORE_INDEX, tokenize_chat
 
 GENERATION_CHATML = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"

@@ -1,4 +1,4 @@
-"""Benchmark: the Self-Instruct ROUGE-L novelty filter, brute force vs builder.rouge.NoveltyIndex.
+"""Benchmark: the Self-Instruct ROUGE-L novelty filter, brute force vs builder.generate.rouge.NoveltyIndex.
 
     .venv/bin/python bench/rouge_filter.py [--small 1000] [--sizes 10000 50000]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
 
-from builder.rouge import NoveltyIndex, rouge_tokens  # noqa: E402
+from builder.generate.rouge import NoveltyIndex, rouge_tokens
 
 THRESHOLD = 0.7
 VOCABULARY = 200_000  # words of the open vocabulary: the seeds' own by frequency, then new ones

@@ -87,8 +87,8 @@ sources:
 
 
 def timed_build(root: Path, teacher: InstantTeacher) -> tuple[float, int, dict]:
-    from builder.build import run_dvc_stage
-    from builder.project import load_project
+    from builder.engine.build import run_dvc_stage
+    from builder.recipe.project import load_project
 
     before, started = teacher.sent, time.perf_counter()
     run_dvc_stage(load_project(root), "gen", "generate", say=lambda line: None)

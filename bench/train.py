@@ -24,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.batches import make_batches, padding_fraction, to_tensors  # noqa: E402
-from builder.recipe import SourceSpec  # noqa: E402
-from builder.sources import read_source  # noqa: E402
-from builder.templates import BUILTIN_TEMPLATES  # noqa: E402
-from builder.templates.tokens import tokenize_chats  # noqa: E402
+from builder.data.sources import read_source
+from builder.recipe.schema import SourceSpec
+from builder.templates import BUILTIN_TEMPLATES
+from builder.templates.tokens import tokenize_chats
+from builder.train.batches import make_batches, padding_fraction, to_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def demo_examples(tokenizer, max_length: int) -> list[tuple[list[int], list[int]
     return [(c.input_ids, c.labels) for c in chats if not isinstance(c, Exception) and len(c.input_ids) <= max_length]
 
 
-def fresh_model(tokenizer, device: str, dtype):  # noqa: ANN001, ANN201
+def fresh_model(tokenizer, device: str, dtype):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,7 +55,7 @@ def fresh_model(tokenizer, device: str, dtype):  # noqa: ANN001, ANN201
     return get_peft_model(model, lora)
 
 
-def run_tunefile(examples, tokenizer, packing: bool, args, device: str, dtype) -> dict:  # noqa: ANN001
+def run_tunefile(examples, tokenizer, packing: bool, args, device: str, dtype) -> dict:
     import torch
 
     batches = make_batches(examples, args.batch_size, packing, args.max_length, tokenizer.pad_token_id)
@@ -77,7 +77,7 @@ def run_tunefile(examples, tokenizer, packing: bool, args, device: str, dtype) -
             "padding_fraction": padding_fraction(batches)}
 
 
-def run_trl(examples, tokenizer, packing: bool, args, device: str, dtype) -> dict:  # noqa: ANN001
+def run_trl(examples, tokenizer, packing: bool, args, device: str, dtype) -> dict:
     import tempfile
 
     import torch

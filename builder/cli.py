@@ -20,13 +20,13 @@ DEBUG_ENV = "TUNEFILE_DEBUG"  # =1: let exceptions through with their traceback
 
 def _project():
     # Imported here: `tunefile doctor` and `vendor` need no recipe machinery (pydantic, jinja2).
-    from builder.project import load_project
+    from builder.recipe.project import load_project
 
     return load_project()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from builder.project import find_root, load_standalone
+    from builder.recipe.project import find_root, load_standalone
 
     if find_root() is None and args.recipes:
         # Outside any project: each recipe alone, paths relative to the current folder, default
@@ -48,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from builder.build import stage_map, stage_status
+    from builder.engine.build import stage_map, stage_status
 
     project = _project()
     recipe, plan = stage_map(project, args.recipe)
@@ -58,7 +58,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.build import build_recipe
+    from builder.engine.build import build_recipe
 
     build_recipe(_project(), args.recipe, args.until, say=print)
     return 0
@@ -67,8 +67,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
 
-    from builder.build import build_recipe
-    from builder.report import format_stats_table
+    from builder.data.report import format_stats_table
+    from builder.engine.build import build_recipe
 
     project = _project()
     # A no-op when the dataset is current; progress goes to stderr, the table to stdout.
@@ -81,14 +81,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from builder.build import run_dvc_stage
+    from builder.engine.build import run_dvc_stage
 
     run_dvc_stage(_project(), args.recipe, args.stage, say=print)
     return 0
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from builder.resolve import resolve
+    from builder.engine.resolve import resolve
 
     for line in resolve():
         print(line)
@@ -96,8 +96,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_dvc(args: argparse.Namespace) -> int:
+    from builder.engine.resolve import dvc_yaml_text
     from builder.files import write_atomic
-    from builder.resolve import dvc_yaml_text
 
     path, text = dvc_yaml_text()
     current = path.read_text() if path.is_file() else None
@@ -113,8 +113,8 @@ def cmd_dvc(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from builder.build import quant_report
-    from builder.report import format_quant_table
+    from builder.data.report import format_quant_table
+    from builder.engine.build import quant_report
 
     print(format_quant_table(*quant_report(_project(), args.recipe)), end="")
     return 0
@@ -123,7 +123,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from builder.preview import preview
+    from builder.data.preview import preview
 
     color = sys.stdout.isatty() and not args.no_color
     html_path = Path(args.html) if args.html else None
@@ -133,14 +133,14 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_vendor(args: argparse.Namespace) -> int:
-    from builder.vendor import ensure_converter
+    from builder.export.vendor import ensure_converter
 
     print(ensure_converter())
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from builder.doctor import run_doctor
+    from builder.export.doctor import run_doctor
 
     run_doctor()
     print("doctor: llama-cpp-python loads and decodes f16, q8_0 and q4_k_m files on this CPU")
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 (a bug of ours: still one line, with where it happened)
+    except Exception as exc:
         if debug:
             raise
         print(f"error: internal error{_where(exc)}: {type(exc).__name__}: {exc} "

@@ -17,5 +17,9 @@ class DataError(TunefileError):
     """A data source cannot be read or has too many malformed rows."""
 
 
+class FileFormatError(DataError):
+    """A JSON or JSONL file the user gave cannot be read; the message is `FILE:LINE: what was wrong`."""
+
+
 class StageError(TunefileError):
     """A stage cannot run: a missing upstream output, a tool that refuses the input, ..."""

@@ -24,8 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, make_project, run_in, small_recipe, stages_run
+from helpers import REPO, make_project, run_in, small_recipe, stages_run
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -177,12 +176,12 @@ def test_lm_eval_adapter_rolling_generation_and_item_cache(repo, tmp_path):
     import llama_cpp
     from lm_eval.api.instance import Instance
 
-    from builder.lmeval import ItemCache, make_adapter
+    from builder.evaluate.lmeval import ItemCache, make_adapter
 
     llm = llama_cpp.Llama(model_path=str(repo / "build/default/gguf/model-f16.gguf"), n_ctx=256, logits_all=True,
                           seed=0, verbose=False)
     text = "Rain is water that falls from clouds."
-    request = lambda kind, args: Instance(kind, {}, args, 0)  # noqa: E731
+    request = lambda kind, args: Instance(kind, {}, args, 0)
     try:
         for attempt in range(2):
             cache = ItemCache(tmp_path / "items.sqlite", "model-key")
@@ -204,7 +203,7 @@ def test_batched_answers_are_the_answers_one_at_a_time(repo):
     one at a time does (a near-tie may round differently in a batch: at most one of 12 may differ)."""
     import llama_cpp
 
-    from builder.lmeval import BatchGenerator
+    from builder.evaluate.lmeval import BatchGenerator
     from builder.stages.evaluate import _token_text, format_chat
 
     llm = llama_cpp.Llama(model_path=str(repo / "build/default/gguf/model-f16.gguf"), n_ctx=512, seed=0, verbose=False)
@@ -496,7 +495,7 @@ def test_a_served_judge_compares_tuned_with_base_and_its_url_and_key_stay_out(re
     """evaluate.judge.openai against an OpenAI-compatible server on 127.0.0.1: both orders, a win
     rate with its interval, saved verdicts; the API key comes from the variable params.yaml names
     and is in no file; moving the server (a new base_url) reruns nothing."""
-    from conftest import CannedChat
+    from helpers import CannedChat
 
     def prefer_stopping(prompt: str) -> str:  # the shorter answer wins; equal lengths tie
         a = prompt.split("[The Start of Assistant A's Answer]")[1].split("[The End")[0]

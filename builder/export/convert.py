@@ -20,12 +20,12 @@ def main() -> None:
     lineage = json.loads(Path(lineage_file).read_text())
     # The vendored gguf-py must win over any installed gguf: it matches the converter.
     sys.path[:0] = [str(Path(converter) / "gguf-py"), converter]
-    from conversion.base import TextModel  # noqa: PLC0415 (path set just above)
+    from conversion.base import TextModel
 
     recognise = TextModel.get_vocab_base_pre
     fallback = lineage.get("pre_tokenizer")
 
-    def get_vocab_base_pre(self, tokenizer) -> str:  # noqa: ANN001
+    def get_vocab_base_pre(self, tokenizer) -> str:
         try:
             return recognise(self, tokenizer)
         except NotImplementedError:
@@ -42,7 +42,7 @@ def main() -> None:
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
     TextModel.set_gguf_parameters = set_gguf_parameters
-    import convert_hf_to_gguf  # noqa: PLC0415
+    import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", *args]
     convert_hf_to_gguf.main()

@@ -20,7 +20,7 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _preference_lines(recipe, stage_dir) -> list[str]:  # noqa: ANN001
+def _preference_lines(recipe, stage_dir) -> list[str]:
     """The preference stage's held-out numbers (nothing for a recipe without one: same card bytes)."""
     if recipe.preference is None:
         return []

@@ -165,7 +165,7 @@ def read_gguf_chat_settings(path: Path) -> tuple[str, str, str, bool, str]:
 
     reader = GGUFReader(path)
 
-    def field(key: str):  # noqa: ANN202
+    def field(key: str):
         return reader.fields[key].contents() if key in reader.fields else None
 
     tokens = field("tokenizer.ggml.tokens") or []

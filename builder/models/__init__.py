@@ -34,9 +34,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         version=2,
         seed=1234,
         vocab_size=2048,
-        config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
-        pretrain=dict(steps=120, batch_size=8, seq_len=128, lr=3e-3),
+        config={"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+                    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False},
+        pretrain={"steps": 120, "batch_size": 8, "seq_len": 128, "lr": 3e-3},
     ),
 }

@@ -23,7 +23,7 @@ def download_model(repo: str, revision: str, dst: Path) -> None:
 
     try:
         snapshot_download(repo_id=repo, revision=revision, local_dir=dst, allow_patterns=list(MODEL_FILES))
-    except Exception as exc:  # hub errors have many types; all mean "could not fetch"
+    except Exception as exc:  # noqa: BLE001 (hub errors have many types; all mean "could not fetch")
         raise StageError(f"could not download hf:{repo}@{revision} ({type(exc).__name__}: {exc}); "
                          "this needs network access to the Hugging Face hub, or point base.model at a "
                          "local folder") from None
@@ -43,7 +43,7 @@ def run(ctx: StageContext) -> dict:
         copy_model_files(ctx.project.root / ref.folder, ctx.out_dir)
     if not (ctx.out_dir / "config.json").is_file():
         raise StageError(f"base model {model} has no config.json")
-    from builder.tokenizer import verify_fast_load
+    from builder.data.tokenizer import verify_fast_load
 
     # Settled here, where transformers is loaded anyway: the dataset stage can then skip importing it.
     summary["tokenizer_fast_load"] = verify_fast_load(ctx.out_dir, ctx.project.cache_dir)

@@ -1,11 +1,11 @@
 """dataset stage: sources -> conversations -> filters -> chat template -> tokens + labels -> dedup
 -> eval split -> decontamination -> mixture -> order.
 
-Writes train.parquet, eval.parquet (see builder/examples.py for the columns), rejects.jsonl (one
+Writes train.parquet, eval.parquet (see builder/data/examples.py for the columns), rejects.jsonl (one
 line per dropped row: source, file, row, reason, detail), stats.json (per source counts, as DVC
 metrics) and mixture.png (the mixture's composition and length histogram).
 
-Each source is read, filtered, rendered and tokenized in chunks of rows (builder/shards.py), in
+Each source is read, filtered, rendered and tokenized in chunks of rows (builder/data/shards.py), in
 parallel, each chunk cached under a key of exactly what it depends on. Editing one row
 re-tokenizes its chunk; appending rows, only the new chunks; a new weight, size or seed re-mixes
 cached chunks without loading the tokenizer. Mixing works on light per-row columns (digest,
@@ -20,14 +20,14 @@ import sys
 import time
 from collections import Counter
 
-from builder.dedup import Deduplicator, decontaminate
+from builder.data.dedup import Deduplicator, decontaminate
+from builder.data.examples import write_rows
+from builder.data.mixture import allocate_counts, cap_pools, order_rows, pick_eval, sample_examples
+from builder.data.report import length_histogram, source_stats, write_mixture_png
+from builder.data.shards import ChunkBuilder, SourceRows, check_reject_rate, shard_settings
+from builder.data.sources import Reject
 from builder.errors import DataError
-from builder.examples import write_rows
-from builder.mixture import allocate_counts, cap_pools, order_rows, pick_eval, sample_examples
-from builder.recipe import Recipe
-from builder.report import length_histogram, source_stats, write_mixture_png
-from builder.shards import ChunkBuilder, SourceRows, check_reject_rate, shard_settings
-from builder.sources import Reject
+from builder.recipe.schema import Recipe
 from builder.stages import StageContext
 from builder.templates import TemplateError, read_template, special_tokens
 from builder.templates.checks import check_template
@@ -107,7 +107,7 @@ def draw_mixture(recipe: Recipe, pools: dict[str, list[int]]) -> dict[str, list[
     return picked
 
 
-def split_eval(recipe: Recipe, root, sources: dict[str, SourceRows], kept: dict[str, list[int]],  # noqa: ANN001
+def split_eval(recipe: Recipe, root, sources: dict[str, SourceRows], kept: dict[str, list[int]],
                rejects: dict[str, list[Reject]]) -> tuple[dict[str, set[int]], dict[str, list[int]]]:
     """Eval rows per source (by each example's own hash), and the training pools left after
     decontamination against them (and the benchmark files) and the per-source caps."""
@@ -136,7 +136,7 @@ def summarize(recipe: Recipe, sources: dict[str, SourceRows], kept: dict, reject
             "length_by_position": [round(t, 1) for t in _length_by_position(recipe.mixture, train, sources)]}
 
 
-def write_rejects(path, rejects: dict[str, list[Reject]]) -> None:  # noqa: ANN001
+def write_rejects(path, rejects: dict[str, list[Reject]]) -> None:
     every = sorted((r for source in rejects.values() for r in source), key=lambda r: (r.source, r.file, r.row, r.reason))
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in every)
@@ -181,7 +181,7 @@ def _peak_rss_mib() -> int:
 POSITION_BINS = 20
 
 
-def _length_by_position(mixture, train: list[tuple[str, int]], sources: dict[str, SourceRows]) -> list[float]:  # noqa: ANN001
+def _length_by_position(mixture, train: list[tuple[str, int]], sources: dict[str, SourceRows]) -> list[float]:
     """Mean tokens per example in POSITION_BINS equal slices of the order training reads: one seeded
     shuffle of the split for mixture.order: shuffle (the trainer shuffles every epoch: flat), the
     split's own order for curriculum (rising)."""

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from builder import __version__
-
 from builder.errors import StageError
 from builder.files import write_jsonl
 from builder.stages import StageContext
@@ -34,7 +33,7 @@ def perplexity(llm, rows: list[dict]) -> tuple[float | None, int]:
     """exp(mean NLL) over the trained tokens (labels != -100), from llama.cpp's logits."""
     import numpy as np
 
-    from builder.lmeval import log_softmax_rows
+    from builder.evaluate.lmeval import log_softmax_rows
 
     total, count = 0.0, 0
     for row in rows:
@@ -54,7 +53,7 @@ def _token_text(llm, token_id: int) -> str:
 
 
 def format_chat(llm, template: str, messages: list[dict], add_generation_prompt: bool,
-                 edit=None) -> tuple[str, list[int]]:  # noqa: ANN001
+                 edit=None) -> tuple[str, list[int]]:
     """What llama-cpp-python's chat handler feeds the model: the GGUF template rendered by its Jinja
     formatter, tokenized with special tokens and no extra BOS (the formatter owns BOS)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -67,7 +66,7 @@ def format_chat(llm, template: str, messages: list[dict], add_generation_prompt:
     return prompt, llm.tokenize(prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
 
 
-def _policy(llm) -> str:  # noqa: ANN001
+def _policy(llm) -> str:
     return llm.metadata.get("tunefile.no_end_of_turn", "append_eos")
 
 
@@ -127,8 +126,8 @@ def base_gguf_key(ctx: StageContext, dtype: str) -> str:
 def base_gguf(ctx: StageContext, dtype: str) -> Path:
     """The base model as a GGUF file, converted by the same converter as the tuned model and kept
     in the store under the base key: every recipe on that base shares one file."""
-    from builder.cache import StageStore
     from builder.stages.gguf import convert_model
+    from builder.store import StageStore
 
     key = base_gguf_key(ctx, dtype)
     store = StageStore(ctx.project.cache_dir, "base-gguf")
@@ -145,7 +144,7 @@ def base_gguf(ctx: StageContext, dtype: str) -> Path:
     return entry / gguf_name(dtype)
 
 
-def _prompting(llm, base: bool, template: str, policy: str) -> tuple[str, list[str]]:  # noqa: ANN001
+def _prompting(llm, base: bool, template: str, policy: str) -> tuple[str, list[str]]:
     """(chat template, stop texts) an answer is generated with. The base model gets the recipe's
     template and its end-of-turn texts (its GGUF holds the base tokenizer's template, or none); a
     tuned file its own template and the EOS text, as llama-cpp-python's chat handler does."""
@@ -155,7 +154,7 @@ def _prompting(llm, base: bool, template: str, policy: str) -> tuple[str, list[s
     return llm.metadata.get("tokenizer.chat_template") or template, [eos]
 
 
-def answer(llm, base: bool, template: str, policy: str, messages: list[dict], max_tokens: int) -> dict:  # noqa: ANN001
+def answer(llm, base: bool, template: str, policy: str, messages: list[dict], max_tokens: int) -> dict:
     """A greedy answer, one sequence: {text, tokens, stopped (ended at the end-of-turn marker, not
     at max_tokens)}. A tuned GGUF chats through llama-cpp-python's chat handler; the base model is
     prompted as the tuned files are (see _prompting)."""
@@ -171,13 +170,13 @@ def answer(llm, base: bool, template: str, policy: str, messages: list[dict], ma
     return {"text": text, "tokens": out["usage"]["completion_tokens"], "stopped": out["choices"][0]["finish_reason"] == "stop"}
 
 
-def cached_answers(cache, llm, base: bool, template: str, policy: str, conversations: list[list[dict]],  # noqa: ANN001
+def cached_answers(cache, llm, base: bool, template: str, policy: str, conversations: list[list[dict]],
                    max_tokens: int) -> list[dict]:
     """answer() for each conversation: from the item cache, the rest generated together, several
     sequences per llama.cpp decode. On an f16 file these are the answers one at a time gives (the
     end-to-end test compares them); quantized kernels can round differently with the batch, and a
     near-tie can then pick another token."""
-    from builder.lmeval import BatchGenerator
+    from builder.evaluate.lmeval import BatchGenerator
 
     requests = [{"messages": messages, "max_tokens": max_tokens, "policy": policy} for messages in conversations]
     found = [cache.get("answer", request) for request in requests]
@@ -203,12 +202,12 @@ def with_system(system_prompt: str | None, messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str, rows: list[dict]) -> tuple[dict, list[dict]]:  # noqa: ANN001
+def instruction_checks(ctx: StageContext, llm, cache, base: bool, template: str, rows: list[dict]) -> tuple[dict, list[dict]]:
     """The verifiable checks on evaluate.prompts, and the stop rate and answer lengths on the eval
     split's prompts (each conversation up to its last user turn); and every answer, as a record."""
     import statistics
 
-    from builder.ifeval import read_prompts, score, verdicts
+    from builder.evaluate.ifeval import read_prompts, score, verdicts
 
     spec, recipe = ctx.recipe.evaluate, ctx.recipe
     policy = recipe.no_end_of_turn
@@ -245,10 +244,10 @@ def run_judge(ctx: StageContext, records: list[dict]) -> tuple[dict, dict]:
     metrics, the verdict cache's counts, and judge.jsonl with every judge prompt and raw reply.
     Verdicts are cached by judge and judge prompt (the question and both answers), whichever file
     gave the answers."""
+    from builder.evaluate.judge import GgufJudge, OpenAIJudge, Pair, judge_pairs
+    from builder.evaluate.lmeval import ItemCache
     from builder.hashing import hash_file
-    from builder.judge import GgufJudge, OpenAIJudge, Pair, judge_pairs
-    from builder.served import api_key
-    from builder.lmeval import ItemCache
+    from builder.llm.served import api_key
 
     spec, endpoints = ctx.recipe.evaluate.judge, ctx.project.params.endpoints
     base_file = ctx.input_dir("eval@base") / "answers.jsonl"
@@ -290,7 +289,7 @@ def _head(path: Path, count: int) -> list[dict]:
 def run(ctx: StageContext) -> dict:
     import llama_cpp
 
-    from builder.lmeval import ItemCache, run_tasks
+    from builder.evaluate.lmeval import ItemCache, run_tasks
 
     quant = ctx.stage.param
     base = quant == "base"

@@ -1,4 +1,4 @@
-"""generate@<source> stage: a teacher writes the source's rows by Self-Instruct (builder/selfinstruct.py).
+"""generate@<source> stage: a teacher writes the source's rows by Self-Instruct (builder/generate/selfinstruct.py).
 
 Writes generated.jsonl (Self-Instruct rows: instruction, instances, is_classification; what the
 dataset stage reads as the source), rejects.jsonl (every dropped candidate with its reason and
@@ -15,8 +15,8 @@ import sys
 from collections import Counter
 
 from builder.files import write_json, write_jsonl
-from builder.project import project_path
-from builder.served import map_concurrent
+from builder.llm.served import map_concurrent
+from builder.recipe.project import project_path
 from builder.stages import StageContext
 
 CLASSIFY_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16}  # a Yes or No, greedily
@@ -26,11 +26,11 @@ class CachedTeacher:
     """`ask(requests)`: each request's reply from the cache, or from the teacher (up to
     `concurrency` at once) and then into the cache; counts the tokens of every reply used."""
 
-    def __init__(self, client, cache, concurrency: int, sampling: dict):  # noqa: ANN001
+    def __init__(self, client, cache, concurrency: int, sampling: dict):
         self.client, self.cache, self.sampling, self.concurrency = client, cache, sampling, concurrency
         self.tokens = Counter()
 
-    def one(self, request) -> dict:  # noqa: ANN001
+    def one(self, request) -> dict:
         sampling = CLASSIFY_SAMPLING if request.kind == "classify" else self.sampling
         key = {"prompt": request.prompt, "sampling": sampling, "seed": request.seed}
         reply = self.cache.get("teacher", key)
@@ -49,9 +49,9 @@ class CachedTeacher:
 def run(ctx: StageContext) -> dict:
     from tqdm import tqdm
 
-    from builder.lmeval import ItemCache
-    from builder.selfinstruct import read_seed_tasks, self_instruct
-    from builder.served import open_served
+    from builder.evaluate.lmeval import ItemCache
+    from builder.generate.selfinstruct import read_seed_tasks, self_instruct
+    from builder.llm.served import open_served
 
     source = next(s for s in ctx.recipe.sources if s.name == ctx.stage.param)
     spec = source.generate

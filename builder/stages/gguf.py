@@ -10,8 +10,8 @@ from pathlib import Path
 from builder import __version__
 from builder.errors import StageError
 from builder.export.modelcard import render_model_card
+from builder.export.vendor import ensure_converter
 from builder.stages import StageContext
-from builder.vendor import ensure_converter
 
 # tunefile's builtin tokenizers are byte-level BPEs with GPT-2's split; the converter only knows
 # tokenizers of published models by fingerprint, so it is told which pre-tokenizer to use.
@@ -41,7 +41,7 @@ def gguf_name(dtype: str) -> str:
     return f"model-{dtype}.gguf"
 
 
-def convert_model(recipe, model_dir: Path, out: Path, dtype: str, name: str, metadata: dict) -> None:  # noqa: ANN001
+def convert_model(recipe, model_dir: Path, out: Path, dtype: str, name: str, metadata: dict) -> None:
     """llama.cpp's converter on an HF folder, with tunefile's lineage keys (and the builtin
     tokenizers' pre-tokenizer) added; `out` is written or StageError says why not."""
     converter = ensure_converter()

@@ -15,7 +15,7 @@ from builder.stages import StageContext
 from builder.templates import read_template
 
 
-def merge_dtype(asked: str, base_dir) -> str:  # noqa: ANN001
+def merge_dtype(asked: str, base_dir) -> str:
     if asked != "auto":
         return asked
     config = json.loads((base_dir / "config.json").read_text())
@@ -23,7 +23,7 @@ def merge_dtype(asked: str, base_dir) -> str:  # noqa: ANN001
     return named if named in ("float32", "bfloat16", "float16") else "float32"
 
 
-def load_sft_model(base_dir, train_dir):  # noqa: ANN001, ANN201
+def load_sft_model(base_dir, train_dir):
     """The SFT model in fp32 on CPU: the train stage's adapter folded into the base, or the whole
     model full fine-tuning saved."""
     import torch

@@ -2,20 +2,20 @@
 
 Reads each `preference.sources` entry (format: preference), renders prompt+chosen and
 prompt+rejected through the recipe's template and the base tokenizer with labels on the answer
-only (builder/pairs.py), and writes train.parquet and eval.parquet (builder.pairs.PAIR_COLUMNS),
+only (builder/data/pairs.py), and writes train.parquet and eval.parquet (builder.data.pairs.PAIR_COLUMNS),
 rejects.jsonl (source, file, row, reason, detail) and stats.json (counts per source and reason).
 """
 from __future__ import annotations
 
 from collections import Counter
 
+from builder.data.pairs import cap_pairs, split_pairs, tokenize_pairs, write_pairs
+from builder.data.sources import read_source
+from builder.data.tokenizer import load_tokenizer
 from builder.errors import DataError
 from builder.files import write_json, write_jsonl
-from builder.pairs import cap_pairs, split_pairs, tokenize_pairs, write_pairs
-from builder.sources import read_source
 from builder.stages import StageContext
 from builder.templates import read_template
-from builder.tokenizer import load_tokenizer
 
 
 def run(ctx: StageContext) -> dict:

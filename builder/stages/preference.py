@@ -17,20 +17,29 @@ import random
 import time
 from pathlib import Path
 
-from builder.checkpoints import checkpoint_folder, clear_checkpoints, load_latest, save_checkpoint
-from builder.dpo import TERMS, dpo_terms, evaluate_pairs, pair_batch, reference_logps, sequence_logps
+from builder.data.pairs import read_pairs
 from builder.errors import StageError
 from builder.files import write_json
-from builder.pairs import read_pairs
 from builder.stages import StageContext
 from builder.stages.merge import load_sft_model
-from builder.stages.train import (checkpoint_state, epoch_order, make_accelerator, make_optimizer, optimizer_step,
-                                  pad_token_id, restore_checkpoint, save_adapter, write_csv)
+from builder.stages.train import (
+    checkpoint_state,
+    epoch_order,
+    make_accelerator,
+    make_optimizer,
+    optimizer_step,
+    pad_token_id,
+    restore_checkpoint,
+    save_adapter,
+    write_csv,
+)
+from builder.train.checkpoints import checkpoint_folder, clear_checkpoints, load_latest, save_checkpoint
+from builder.train.dpo import TERMS, dpo_terms, evaluate_pairs, pair_batch, reference_logps, sequence_logps
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def load_policy(spec, base_dir: Path, train_dir: Path, precision: str):  # noqa: ANN001, ANN201
+def load_policy(spec, base_dir: Path, train_dir: Path, precision: str):
     """The SFT model in the compute dtype with a new LoRA adapter of train.lora's shape (`spec`: the
     recipe's train section); the adapter is zero at start, so the policy equals the reference."""
     import torch
@@ -56,7 +65,7 @@ def draw_steps(pairs: list, batch_size: int, epochs: int, seed: int) -> list[tup
     return steps
 
 
-def train_step(model, accelerator, group: list, pad_id: int, beta: float) -> dict:  # noqa: ANN001
+def train_step(model, accelerator, group: list, pad_id: int, beta: float) -> dict:
     """Forward and backward of one step's pairs (this process's share), returning the step's mean
     DPO terms over all its pairs, however they fall into processes."""
     import torch

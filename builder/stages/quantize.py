@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.errors import StageError
 from builder.export.modelfile import write_modelfile
-from builder.quant import quant_ftype_name
+from builder.recipe.quant import quant_ftype_name
 from builder.stages import StageContext
 from builder.stages.gguf import gguf_name
 

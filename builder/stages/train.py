@@ -15,10 +15,10 @@ import math
 import random
 import time
 
-from builder.batches import Batch, make_batches, padding_fraction, read_split, to_tensors, trained_tokens
-from builder.checkpoints import checkpoint_folder, clear_checkpoints, load_latest, save_checkpoint
 from builder.errors import StageError
 from builder.stages import StageContext
+from builder.train.batches import Batch, make_batches, padding_fraction, read_split, to_tensors, trained_tokens
+from builder.train.checkpoints import checkpoint_folder, clear_checkpoints, load_latest, save_checkpoint
 
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -53,12 +53,12 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def add_neftune(model, alpha: float):  # noqa: ANN001, ANN201
+def add_neftune(model, alpha: float):
     """NEFTune: uniform noise of scale alpha/sqrt(length*dim) on the input embeddings, in training
     mode only (eval losses and generation never see it). Returns the hook handle."""
     import torch
 
-    def noisy(module, args, output):  # noqa: ANN001, ANN202
+    def noisy(module, args, output):
         if not module.training:
             return output
         scale = alpha / math.sqrt(output.size(1) * output.size(2))
@@ -67,7 +67,7 @@ def add_neftune(model, alpha: float):  # noqa: ANN001, ANN201
     return model.get_input_embeddings().register_forward_hook(noisy)
 
 
-def load_model(spec, base_dir, precision: str):  # noqa: ANN001, ANN201
+def load_model(spec, base_dir, precision: str):
     """The model ready to train: full weights in fp32 (mixed precision autocasts them), LoRA over a
     base in the compute dtype, or QLoRA over a 4-bit NF4 base (bitsandbytes, CUDA only)."""
     import torch
@@ -76,8 +76,8 @@ def load_model(spec, base_dir, precision: str):  # noqa: ANN001, ANN201
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if spec.method == "qlora":
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise StageError("train.method: qlora needs bitsandbytes: pip install bitsandbytes") from None
         from peft import prepare_model_for_kbit_training
@@ -101,7 +101,7 @@ def load_model(spec, base_dir, precision: str):  # noqa: ANN001, ANN201
     return model
 
 
-def padding_report(examples: list, spec, pad_id: int, shuffle: bool) -> dict:  # noqa: ANN001
+def padding_report(examples: list, spec, pad_id: int, shuffle: bool) -> dict:
     """The padding fraction of the first epoch with and without packing (what packing saves)."""
     order = epoch_order(examples, random.Random(spec.seed), shuffle)
     return {f"padding_fraction_{name}": padding_fraction(make_batches(order, spec.batch_size, packing,
@@ -118,7 +118,7 @@ def epoch_order(examples: list, rng: random.Random, shuffle: bool) -> list:
     return order
 
 
-def draw_epochs(examples: list, spec, pad_id: int, shuffle: bool) -> list[list[Batch]]:  # noqa: ANN001
+def draw_epochs(examples: list, spec, pad_id: int, shuffle: bool) -> list[list[Batch]]:
     """Every epoch's batches, drawn up front from the seed: the schedule knows the exact number of
     steps, and a resumed run sees exactly the batches the interrupted one would have."""
     rng = random.Random(spec.seed)
@@ -126,7 +126,7 @@ def draw_epochs(examples: list, spec, pad_id: int, shuffle: bool) -> list[list[B
             for _ in range(spec.epochs)]
 
 
-def make_accelerator(ctx: StageContext, seed: int):  # noqa: ANN201
+def make_accelerator(ctx: StageContext, seed: int):
     """(accelerator, cuda, precision) for a training stage, seeded: params.yaml's device knob, then
     train.precision (auto: bf16 or fp16 on CUDA, fp32 on CPU)."""
     import torch
@@ -146,7 +146,7 @@ def make_accelerator(ctx: StageContext, seed: int):  # noqa: ANN201
     return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision), cuda, precision
 
 
-def make_optimizer(model, accelerator, spec, steps: int, weight_decay: float):  # noqa: ANN001, ANN201
+def make_optimizer(model, accelerator, spec, steps: int, weight_decay: float):
     """AdamW over the trainable weights and `spec`'s schedule (lr, scheduler, warmup_ratio) over
     `steps` optimizer steps, prepared by accelerate: (model, optimizer, scheduler, trainable)."""
     import torch
@@ -161,7 +161,7 @@ def make_optimizer(model, accelerator, spec, steps: int, weight_decay: float):  
     return model, optimizer, scheduler, trainable
 
 
-def optimizer_step(accelerator, trainable: list, optimizer, scheduler, max_grad_norm: float | None) -> float:  # noqa: ANN001
+def optimizer_step(accelerator, trainable: list, optimizer, scheduler, max_grad_norm: float | None) -> float:
     """Clip, step and advance the schedule; return the learning rate this step used."""
     if max_grad_norm is not None:
         accelerator.clip_grad_norm_(trainable, max_grad_norm)
@@ -172,7 +172,7 @@ def optimizer_step(accelerator, trainable: list, optimizer, scheduler, max_grad_
     return lr
 
 
-def restore_checkpoint(state: dict, model, accelerator, optimizer, scheduler, cuda: bool) -> None:  # noqa: ANN001
+def restore_checkpoint(state: dict, model, accelerator, optimizer, scheduler, cuda: bool) -> None:
     """Put a checkpoint's trainable weights, optimizer, schedule and RNG states back in place."""
     import torch
 
@@ -187,8 +187,8 @@ def restore_checkpoint(state: dict, model, accelerator, optimizer, scheduler, cu
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def checkpoint_state(model, accelerator, optimizer, scheduler, cuda: bool, **progress) -> dict:  # noqa: ANN001
-    """Everything the rest of a run depends on (see builder/checkpoints.py), with the run's progress."""
+def checkpoint_state(model, accelerator, optimizer, scheduler, cuda: bool, **progress) -> dict:
+    """Everything the rest of a run depends on (see builder/train/checkpoints.py), with the run's progress."""
     import torch
 
     named = accelerator.unwrap_model(model).named_parameters()
@@ -198,7 +198,7 @@ def checkpoint_state(model, accelerator, optimizer, scheduler, cuda: bool, **pro
             **progress}
 
 
-def save_adapter(model, out_dir, base_model: str) -> None:  # noqa: ANN001
+def save_adapter(model, out_dir, base_model: str) -> None:
     """A peft adapter with stable bytes: peft writes target_modules in set order and the base as an
     absolute path; the recipe's base.model is written instead."""
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -210,13 +210,13 @@ def save_adapter(model, out_dir, base_model: str) -> None:  # noqa: ANN001
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_csv(path, header: str, rows: list[str]) -> None:  # noqa: ANN001
+def write_csv(path, header: str, rows: list[str]) -> None:
     with open(path, "w") as f:
         f.write(header + "\n")
         f.writelines(row + "\n" for row in rows)
 
 
-def pad_token_id(tokenizer) -> int:  # noqa: ANN001
+def pad_token_id(tokenizer) -> int:
     """What batches are padded with: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -19,8 +19,16 @@ from pathlib import Path
 
 from builder.templates.errors import TemplateError
 from builder.templates.sandbox import compile_template, has_generation_markers, render_template
-from builder.templates.spans import (NO_END_OF_TURN, TRAIN_ON, RenderedChat, append_eos, end_of_turn_marker,
-                                     end_of_turn_markers, render_chat, stop_texts)
+from builder.templates.spans import (
+    NO_END_OF_TURN,
+    TRAIN_ON,
+    RenderedChat,
+    append_eos,
+    end_of_turn_marker,
+    end_of_turn_markers,
+    render_chat,
+    stop_texts,
+)
 
 TEMPLATE_DIR = Path(__file__).parent
 BUILTIN_TEMPLATES = {p.stem: p for p in sorted(TEMPLATE_DIR.glob("*.jinja"))}

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 
 from builder.templates.errors import TemplateError
 from builder.templates.sandbox import has_generation_markers, render_template
-from builder.templates.spans import (TRAIN_ON, common_start, content_positions, end_of_turn_marker, plain_messages, render_chat,
-                                     template_variables)
+from builder.templates.spans import (
+    TRAIN_ON,
+    common_start,
+    content_positions,
+    end_of_turn_marker,
+    plain_messages,
+    render_chat,
+    template_variables,
+)
 
 PROBE = [
     {"role": "user", "content": "What colour is the sky?"},

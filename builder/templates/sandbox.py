@@ -64,7 +64,7 @@ def _state() -> _RenderState:
     return state
 
 
-def _loop_guard(iterable):  # noqa: ANN001, ANN201 (any iterable in, the same items out)
+def _loop_guard(iterable):
     """Wrapped around every `{% for %}` iterable: counts iterations against the render's budget."""
     state = _state()
     try:
@@ -75,7 +75,7 @@ def _loop_guard(iterable):  # noqa: ANN001, ANN201 (any iterable in, the same it
     return iterable  # sized: returned as is, so `loop.length` and friends behave exactly as before
 
 
-def _counted(iterable, state: _RenderState):  # noqa: ANN001, ANN202
+def _counted(iterable, state: _RenderState):
     for item in iterable:
         state.count(1)
         yield item
@@ -84,7 +84,7 @@ def _counted(iterable, state: _RenderState):  # noqa: ANN001, ANN202
 _SIZED = (str, list, tuple, dict)
 
 
-def _checked(value):  # noqa: ANN001, ANN202
+def _checked(value):
     """`value`, unless it is a string/list/dict past the size budget."""
     if type(value) in _SIZED and len(value) > MAX_VALUE_LENGTH:
         raise TemplateError(f"the chat template builds a value of more than {MAX_VALUE_LENGTH} characters "
@@ -99,9 +99,9 @@ def _check_arguments(args: tuple, kwargs: dict) -> None:
             raise TemplateError(f"the chat template passes {value} to a function; refusing it")
 
 
-def _guarded_filter(function):  # noqa: ANN001, ANN202
+def _guarded_filter(function):
     @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marks
-    def guarded(*args, **kwargs):  # noqa: ANN202
+    def guarded(*args, **kwargs):
         _check_arguments(args[1:], kwargs)
         return _checked(function(*args, **kwargs))
 
@@ -114,12 +114,12 @@ class _GenerationTracker(jinja2.ext.Extension):
 
     tags = {"generation"}
 
-    def parse(self, parser):  # noqa: ANN001, ANN201 (jinja's extension protocol)
+    def parse(self, parser):
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
 
-    def _mark(self, caller):  # noqa: ANN001, ANN202
+    def _mark(self, caller):
         text = caller()
         state = _STATE.get()
         if state is not None and state.generation is not None:
@@ -132,7 +132,7 @@ class ChatSandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"+", "*", "**", "%"})
 
-    def call_binop(self, context, op: str, left, right):  # noqa: ANN001, ANN201
+    def call_binop(self, context, op: str, left, right):
         if op == "+":  # the hot path: templates concatenate all the time
             return _checked(left + right)
         if op == "**" and type(right) is int and abs(right) > MAX_EXPONENT:
@@ -144,12 +144,12 @@ class ChatSandbox(ImmutableSandboxedEnvironment):
                                         f"{MAX_VALUE_LENGTH} items; refusing it")
         return _checked(self.binop_table[op](left, right))
 
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: ANN001, ANN201, N805 (jinja's signature)
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's call signature)
         _check_arguments(args, kwargs)
         _state().check_time()
         return _checked(super().call(__context, __obj, *args, **kwargs))
 
-    def _parse(self, source, name, filename):  # noqa: ANN001, ANN202
+    def _parse(self, source, name, filename):
         # Every for-loop iterates through the guard, so nested loops are counted in full.
         # `a ~ b` joins strings without an operator hook: its result goes through a size check.
         tree = super()._parse(source, name, filename)
@@ -172,7 +172,7 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # noqa: ANN001, ANN202
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers' `tojson`: no HTML escaping, unlike jinja's own.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -194,19 +194,19 @@ class _TemplateDict:
 class _TemplateNamespace(jinja2.utils.Namespace):
     """transformers' `namespace`: no underscore-prefixed attributes (no reach into internals)."""
 
-    def __init__(*args, **kwargs):  # noqa: N805 (jinja's Namespace signature trick)
+    def __init__(*args, **kwargs):
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:
             _TemplateNamespace._check_name(name)
         jinja2.utils.Namespace.__init__(self, attrs)
 
-    def __setitem__(self, name, value) -> None:  # noqa: ANN001
+    def __setitem__(self, name, value) -> None:
         _TemplateNamespace._check_name(name)
         jinja2.utils.Namespace.__setitem__(self, name, value)
 
     @staticmethod
-    def _check_name(name) -> None:  # noqa: ANN001
+    def _check_name(name) -> None:
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(
                 f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")

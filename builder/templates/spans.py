@@ -25,7 +25,6 @@ leaves out, or a trained answer with no marker after it is a TemplateError with 
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ _SENTINEL_RE = re.compile("\ue000([0-9]+)\ue001")
 _PROBES = (("user", "assistant", "user", "assistant"),
            ("system", "user", "assistant", "user", "assistant"))
 _MAX_WHITESPACE_TRIES = 64  # leading/trailing whitespace lengths tried when a template trims content
-_MARKERS: dict[tuple[str, str], "EndOfTurn"] = {}
+_MARKERS: dict[tuple[str, str], EndOfTurn] = {}
 _SKELETONS: dict[tuple[str, str, tuple], str | None] = {}
 
 
@@ -80,7 +79,7 @@ def plain_messages(messages: list[dict]) -> list[dict]:
     return plain
 
 
-def _plain(value):  # noqa: ANN001, ANN202
+def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -405,7 +404,7 @@ class _SpanPlan:
     checked: int = 0
 
 
-_PLANS: dict[tuple, "_SpanPlan | None"] = {}
+_PLANS: dict[tuple, _SpanPlan | None] = {}
 
 
 def _from_plan(plan: _SpanPlan, text: str, positions: list[list[tuple[int, int]]]) -> RenderedChat:

@@ -29,7 +29,7 @@ from builder.templates.sandbox import render_template
 _SENTINEL = "\ue000 \"\\\n<&>Aa{}\ue001 "
 _SENTINEL_RE = re.compile("\ue000 \"\\\\\n<&>Aa([0-9]+)\ue001 ")
 VERIFY_PER_SHAPE = 2  # conversations per shape also rendered by Jinja and compared
-_SHAPES: dict[tuple, "Skeleton | None"] = {}
+_SHAPES: dict[tuple, Skeleton | None] = {}
 _DISPROVEN: set[tuple[str, str]] = set()
 
 
@@ -39,25 +39,25 @@ class Traced(str):
     __slots__ = ()
     touched: list[bool] = [False]  # shared flag, reset per proof (renders are single-threaded)
 
-    def __add__(self, other):  # noqa: ANN001, ANN204
+    def __add__(self, other):
         return Traced(str.__add__(self, other)) if isinstance(other, str) else str.__add__(self, other)
 
-    def __radd__(self, other):  # noqa: ANN001, ANN204
+    def __radd__(self, other):
         return Traced(other + str(self)) if isinstance(other, str) else NotImplemented
 
-    def __mod__(self, other):  # noqa: ANN001, ANN204
+    def __mod__(self, other):
         Traced.touched[0] = True  # the content used as a format string
         return str.__mod__(self, other)
 
-    def __rmod__(self, other):  # noqa: ANN001, ANN204
+    def __rmod__(self, other):
         return Traced(str.__mod__(other, str(self))) if isinstance(other, str) else NotImplemented
 
     def __str__(self) -> str:
         return str.__str__(self)
 
 
-def _trap(name: str):  # noqa: ANN202
-    def method(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+def _trap(name: str):
+    def method(self, *args, **kwargs):
         Traced.touched[0] = True
         return getattr(str, name)(str(self), *args, **kwargs)
     method.__name__ = name

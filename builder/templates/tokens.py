@@ -52,7 +52,7 @@ def label_tokens(input_ids: list[int], offsets: list[tuple[int, int]],
     return np.where(inside, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
-def template_tokens(tokenizer) -> dict[str, str | None]:  # noqa: ANN001
+def template_tokens(tokenizer) -> dict[str, str | None]:
     """The special tokens transformers passes to a chat template (bos_token, eos_token, ...).
     bos_token and eos_token are always present: None where the tokenizer has none, so that
     render_chat leaves them undefined as transformers does (rather than defaulting to `<s>`)."""
@@ -69,7 +69,7 @@ def check_bos(input_ids: list[int], bos_token_id: int | None) -> None:
                             reason="double_bos")
 
 
-def encode_texts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:  # noqa: ANN001
+def encode_texts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Token ids and character offsets per text, no special tokens added (the template owns them).
     A fast tokenizer's Rust backend is called directly: the same ids as tokenizer(texts), batched
     in Rust, without the Python wrapper's overhead."""
@@ -105,7 +105,7 @@ def apply_policy(rendered: RenderedChat, no_end_of_turn: str, eos_token: str | N
     return append_eos(rendered, eos_token)
 
 
-def tokenize_chat(template_source: str, messages: list[dict], tokenizer, train_on: str = "all_assistant",  # noqa: ANN001
+def tokenize_chat(template_source: str, messages: list[dict], tokenizer, train_on: str = "all_assistant",
                   add_generation_prompt: bool = False, no_end_of_turn: str = "append_eos",
                   **extra) -> TokenizedChat:
     """Render, tokenize and label one conversation; raise TemplateError (with a countable
@@ -121,7 +121,7 @@ def tokenize_chat(template_source: str, messages: list[dict], tokenizer, train_o
     return _labelled(rendered, ids, offsets, tokenizer.bos_token_id, add_generation_prompt)
 
 
-def tokenize_chats(template_source: str, conversations: list[list[dict]], tokenizer,  # noqa: ANN001
+def tokenize_chats(template_source: str, conversations: list[list[dict]], tokenizer,
                    train_on: str = "all_assistant", no_end_of_turn: str = "append_eos",
                    **extra) -> list[TokenizedChat | TemplateError]:
     """tokenize_chat for many training conversations, tokenized in one batch. A conversation the
@@ -150,17 +150,17 @@ class TokenBatch:
     """Many conversations' token ids and labels as flat arrays: row k is ids[bounds[k]:bounds[k+1]].
     What the dataset stage builds Arrow columns from, with no Python list per token."""
     texts: list[str]
-    ids: "object"     # numpy int32
-    labels: "object"  # numpy int32, IGNORE_INDEX where no loss
-    bounds: "object"  # numpy int64, len(texts) + 1
+    ids: object     # numpy int32
+    labels: object  # numpy int32, IGNORE_INDEX where no loss
+    bounds: object  # numpy int64, len(texts) + 1
 
 
-def _chars(encoding, token: int) -> tuple[int, int]:  # noqa: ANN001
+def _chars(encoding, token: int) -> tuple[int, int]:
     chars = encoding.token_to_chars(token)
     return chars if chars is not None else (0, 0)
 
 
-def _token_at(encoding, chars: range) -> int | None:  # noqa: ANN001
+def _token_at(encoding, chars: range) -> int | None:
     """The first token covering a character of `chars`, scanning in that order."""
     for c in chars:
         token = encoding.char_to_token(c)
@@ -169,7 +169,7 @@ def _token_at(encoding, chars: range) -> int | None:  # noqa: ANN001
     return None
 
 
-def trained_token_ranges(encoding, spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:  # noqa: ANN001
+def trained_token_ranges(encoding, spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     """Token index ranges [start, stop) whose tokens lie wholly inside one span: label_tokens' rule,
     found through the encoding's character-to-token map (a few calls per span, not a pass over
     every token's offsets). Offsets are increasing, so a span's tokens are consecutive."""
@@ -189,7 +189,7 @@ def trained_token_ranges(encoding, spans: list[tuple[int, int]], n: int) -> list
     return ranges
 
 
-def tokenize_batch(template_source: str, conversations: list[list[dict]], tokenizer,  # noqa: ANN001
+def tokenize_batch(template_source: str, conversations: list[list[dict]], tokenizer,
                    train_on: str = "all_assistant", no_end_of_turn: str = "append_eos",
                    **extra) -> tuple[TokenBatch, list[int | TemplateError]]:
     """tokenize_chats for the dataset path: the same ids and labels (and the same refusals, in
@@ -243,7 +243,7 @@ def tokenize_batch(template_source: str, conversations: list[list[dict]], tokeni
     return batch, [v if isinstance(v, TemplateError) else verdict[v] for v in outcome]
 
 
-def _batch_from_chats(rendered: list[RenderedChat], tokenizer, outcome: list) -> tuple[TokenBatch, list]:  # noqa: ANN001
+def _batch_from_chats(rendered: list[RenderedChat], tokenizer, outcome: list) -> tuple[TokenBatch, list]:
     import numpy as np
 
     good: list[TokenizedChat] = []

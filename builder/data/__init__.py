@@ -1,0 +1,1 @@
+"""Data: sources, formats, filters, dedup, mixture, chunks, splits, the dataset report, preview."""

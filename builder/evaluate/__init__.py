@@ -1,0 +1,1 @@
+"""Evaluation: the lm-eval adapter, instruction-following checks, the judge, the eval summary."""

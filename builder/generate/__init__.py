@@ -1,0 +1,1 @@
+"""Data creation: Self-Instruct and ROUGE-L novelty."""

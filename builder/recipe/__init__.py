@@ -1,0 +1,1 @@
+"""The recipe: schema (pydantic), YAML with file:line, model references, project settings."""

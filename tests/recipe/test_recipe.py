@@ -1,0 +1,130 @@
+"""Recipe validation: good recipes load; bad ones fail with file:line, the key, and what is allowed."""
+from __future__ import annotations
+
+import pytest
+from helpers import REPO, make_project
+
+from builder.errors import RecipeError
+from builder.recipe.schema import load_recipe
+
+
+def write(tmp_path, text: str):
+    root = make_project(tmp_path / "p", text)
+    return root / "recipes" / "default.yaml", root
+
+
+def default_text() -> str:
+    return (REPO / "recipes" / "default.yaml").read_text()
+
+
+def test_default_recipe_loads():
+    recipe = load_recipe(REPO / "recipes" / "default.yaml", root=REPO)
+    assert recipe.name == "default"
+    assert [s.name for s in recipe.sources] == ["demo_alpaca", "demo_chats"]
+    assert [s.weight for s in recipe.sources] == [3, 1]
+    assert recipe.export.gguf.quantize == ("q8_0", "q4_k_m")
+    assert recipe.train.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path, root=REPO)
+    assert recipe.name == path.stem
+
+
+def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
+    path, root = write(tmp_path, default_text().replace("  lr: 2.0e-4", "  leraning_rate: 2.0e-4"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, root=root)
+    line = default_text().splitlines().index("  lr: 2.0e-4") + 1
+    message = str(err.value)
+    assert f"{path}:{line}: unknown key 'train.leraning_rate'" in message
+    assert "allowed here: batch_size, epochs, eval_steps, gradient_accumulation, gradient_checkpointing, lora, lr, max_grad_norm, max_length, method, neftune_alpha, packing, precision, scheduler, seed, train_on, warmup_ratio, weight_decay" in message
+
+
+def test_unknown_quant_type_is_rejected_with_allowed_values(tmp_path):
+    path, root = write(tmp_path, default_text().replace("quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_z]"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, root=root)
+    line = next(i for i, l in enumerate(default_text().splitlines(), 1) if "quantize:" in l)
+    assert f"{path}:{line}: export.gguf.quantize: unknown quant type 'q4_k_z'; allowed: " in str(err.value)
+    assert "q4_k_m" in str(err.value) and "q8_0" in str(err.value)
+
+
+def test_missing_source_file_is_an_error_before_building(tmp_path):
+    path, root = write(tmp_path, default_text().replace("data/demo_chats.json", "data/nope.json"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, root=root)
+    line = next(i for i, l in enumerate(default_text().splitlines(), 1) if "data/demo_chats.json" in l)
+    assert f"{path}:{line}: source 'demo_chats': no file matches 'data/nope.json'" in str(err.value)
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("method: lora ", "method: lorra ", "train.method: Input should be 'lora', 'qlora' or 'full'"),
+    ("batch_size: 8", "batch_size: eight", "train.batch_size: Input should be a valid integer"),
+    ("template: chatml", "template: chatmlx", "unknown template 'chatmlx'; allowed: "),
+    ("format: sharegpt", "format: shargpt", "sources.1.format: Input should be 'alpaca', 'sharegpt'"),
+    ("model: builtin:tiny-llama", "model: builtin:huge", "allowed: builtin:tiny-llama"),
+    ("model: builtin:tiny-llama", "model: hf:org/name", "must be hf:org/name@revision"),
+])
+def test_wrong_values_say_what_is_allowed(tmp_path, old, new, expected):
+    assert old in default_text()
+    path, root = write(tmp_path, default_text().replace(old, new))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, root=root)
+    assert expected in str(err.value)
+    assert str(err.value).startswith(f"{path}:")
+
+
+def test_repeated_key_and_bad_yaml(tmp_path):
+    path, root = write(tmp_path, default_text() + "seed: 1\nmixture: {}\n")
+    with pytest.raises(RecipeError, match=r"key 'mixture' repeated \(first at line \d+\)"):
+        load_recipe(path, root=root)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"default.yaml:\d+: invalid YAML"):
+        load_recipe(path, root=root)
+
+
+def test_name_must_match_file(tmp_path):
+    path, root = write(tmp_path, default_text().replace("name: default ", "name: other "))
+    with pytest.raises(RecipeError, match="name 'other' must match the file name 'default'"):
+        load_recipe(path, root=root)
+
+
+def test_validate_command_exit_codes(tmp_path, monkeypatch, capsys):
+    from builder.cli import main
+
+    path, root = write(tmp_path, default_text().replace("  lr: 2.0e-4", "  lr: fast"))
+    monkeypatch.chdir(root)
+    assert main(["validate"]) == 1
+    assert "train.lr: Input should be a valid number" in capsys.readouterr().err
+    path.write_text(default_text())
+    assert main(["validate"]) == 0
+
+
+def _schema_keys(model, prefix: str = "") -> list[str]:
+    """Every leaf key of a pydantic schema as the docs write it: `train.lora.r`, `sources[].name`."""
+    from builder.recipe.schema import _submodel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = _submodel(field.annotation)
+        path = f"{prefix}{name}"
+        if sub is None:
+            keys.append(path)
+        else:
+            listed = "tuple" in str(field.annotation) or "list" in str(field.annotation)
+            keys += _schema_keys(sub, f"{path}[]." if listed else f"{path}.")
+    return keys
+
+
+def test_every_recipe_and_params_key_is_documented():
+    """docs/recipes.md has a row naming every key of the recipe schema and of params.yaml."""
+    from builder.recipe.project import Params
+    from builder.recipe.schema import Recipe
+
+    text = (REPO / "docs" / "recipes.md").read_text()
+    keys = _schema_keys(Recipe) + _schema_keys(Params)
+    assert "train.lora.r" in keys and "sources[].name" in keys and "launch.num_processes" in keys
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing, f"undocumented keys in docs/recipes.md: {missing}"
