@@ -1,5 +1,5 @@
 # make repro : set up .venv if needed, then `dvc repro` (builds every recipe in params.yaml)
-# make test  : set up .venv if needed, then run the whole test suite
+# make test  : set up .venv if needed, then lint (ruff) and run the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
@@ -49,6 +49,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
+	$(BIN)/ruff check builder tests bench
 	$(BIN)/python -m pytest -q -rs
 
 clean:

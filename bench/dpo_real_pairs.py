@@ -74,7 +74,8 @@ def main() -> int:
     if args.pairs == "seed":
         rows = seed_task_pairs(SHARED / "alpaca_seed_tasks.jsonl")
         (root / "data" / "seed_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        recipe = recipe.replace("{name: demo_pairs, path: data/demo_pairs.jsonl", "{name: seed_pairs, path: data/seed_pairs.jsonl")
+        recipe = recipe.replace("{name: demo_pairs, path: data/demo_pairs.jsonl",
+                                "{name: seed_pairs, path: data/seed_pairs.jsonl")
         recipe = recipe.replace("eval_size: 16 ", "eval_size: 24 ")
     (root / "recipes" / f"{RECIPE}.yaml").write_text(recipe)
     (root / "params.yaml").write_text(f"recipes: [{RECIPE}]\ndevice: cpu\ncache_dir: .tunefile\n")

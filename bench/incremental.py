@@ -92,7 +92,8 @@ def bench_hashing(work: Path, size: int) -> None:
     for name, seconds in timings.items():
         print(f"{name:>22}: {seconds:.3f} s  {size / seconds / 1e9:6.2f} GB/s")
     ours = timings["xxh3-128 (tunefile)"]
-    print(f"xxh3/md5 time: {ours / timings['md5 (hashlib)']:.3f}x (target <= 0.1x); xxh3/cat: {ours / timings['cat']:.2f}x")
+    print(f"xxh3/md5 time: {ours / timings['md5 (hashlib)']:.3f}x (target <= 0.1x); "
+          f"xxh3/cat: {ours / timings['cat']:.2f}x")
     path.unlink()
 
 

@@ -87,9 +87,9 @@ def main() -> None:
         for turns in (2, 10, 40, 80):
             messages = conversation(rng, turns)
             repeats = max(5, int(2000 * scale / turns))
-            render = per_call(lambda: render_chat(template, messages), repeats)
-            tokens = per_call(lambda: tokenize_chat(template, messages, tokenizer), repeats)
-            hf = (per_call(lambda: hf_masks(tokenizer, template, messages), repeats)
+            render = per_call(lambda t=template, m=messages: render_chat(t, m), repeats)
+            tokens = per_call(lambda t=template, m=messages: tokenize_chat(t, m, tokenizer), repeats)
+            hf = (per_call(lambda t=template, m=messages: hf_masks(tokenizer, t, m), repeats)
                   if name == "chatml+generation" else None)
             times[turns] = render
             hf_text = f"{hf * 1e6:13.0f}" if hf is not None else f"{'-':>13}"

@@ -2,29 +2,26 @@
 
     .venv/bin/python bench/rouge_filter.py [--small 1000] [--sizes 10000 50000]
 
-Candidates are instructions made from the 175 Self-Instruct seed tasks in ../shared/data (else
-from the demo data): a seed's length and first word, the other words Zipfian over an open
-vocabulary (as generated text is), a third of them near-copies of an earlier candidate. Each candidate is kept when its ROUGE-L F with
-every kept one is at most 0.7, as in the paper. Prints, in one run: the brute-force filter (the
-paper's code path: rouge-score against every kept instruction) at the small size; the index at
-every size; whether both keep exactly the same candidates; and time per candidate at the largest
-size against the small one (near-linear: it stays close to 1 while brute force grows with the
-number kept).
-"""
+Candidates are instructions made from the 175 Self-Instruct seed tasks in ../shared/data (else from
+the demo data): a seed's length and first word, the other words Zipfian over an open vocabulary (as
+generated text is), a third of them near-copies of an earlier candidate. Each candidate is kept when
+its ROUGE-L F with every kept one is at most 0.7, as in the paper. Prints, in one run: the
+brute-force filter (the paper's code path: rouge-score against every kept instruction) at the small size;
+the index at every size; whether both keep exactly the same candidates; and time per candidate at
+the largest size against the small one (near-linear: it stays close to 1 while brute force grows
+with the number kept)."""
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
-
 from builder.generate.rouge import NoveltyIndex, rouge_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
 
 THRESHOLD = 0.7
 VOCABULARY = 200_000  # words of the open vocabulary: the seeds' own by frequency, then new ones
@@ -97,7 +94,8 @@ def main() -> None:
     base = seeds()
     print(f"# ROUGE-L novelty filter (threshold {THRESHOLD}): {len(base)} seed instructions from "
           f"{'../shared/data' if SHARED.is_file() else 'the demo data'}")
-    print("\n| filter | candidates | kept | seconds | ms per candidate | LCS tables per candidate |\n|---|---|---|---|---|---|")
+    print("\n| filter | candidates | kept | seconds | ms per candidate | LCS tables per candidate |")
+    print("|---|---|---|---|---|---|")
     texts = candidates(base, args.small)
     brute_kept, brute_s = brute_force(texts)
     print(f"| brute force (rouge-score vs every kept) | {args.small} | {len(brute_kept)} | {brute_s:.2f} | "

@@ -3,12 +3,12 @@
     .venv/bin/python bench/self_instruct.py [--count 2000] [--concurrency 8]
 
 A canned OpenAI-compatible server answers at once (tasks drawn from bench/rouge_filter.py's
-candidates: natural word statistics, a third near-copies; and some the filters must drop), so what is timed is tunefile: prompts, parsing, the
-filters with the ROUGE-L index, the request cache and the HTTP round trips. Measured in one run:
-a cold build (every request sent), a rebuild from the request cache (stage store emptied: no
-request sent), and doubling `count` (only the new rounds' requests sent). Seeds: the 175 Alpaca
-seed tasks from ../shared/data when present, else the repo's demo seed tasks.
-"""
+candidates: natural word statistics, a third near-copies; and some the filters must drop), so what
+is timed is tunefile: prompts, parsing, the filters with the ROUGE-L index, the request cache and
+the HTTP round trips. Measured in one run: a cold build (every request sent), a rebuild from the
+request cache (stage store emptied: no request sent), and doubling `count` (only the new rounds'
+requests sent). Seeds: the 175 Alpaca seed tasks from ../shared/data when present, else the repo's
+demo seed tasks."""
 from __future__ import annotations
 
 import argparse
@@ -129,7 +129,8 @@ def main() -> None:
     print(f"| rebuild from cache / cold build, seconds | {cached / cold:.3f} |")
     print(f"| rebuild from cache: same generated.jsonl bytes | {'yes' if same else 'NO'} |")
     print(f"| count doubled: requests sent / requests used | {sent_more / more['requests']['total']:.3f} |")
-    print(f"| count doubled: old requests re-sent | {sent_more - (more['requests']['total'] - stats['requests']['total'])} |")
+    resent = sent_more - (more["requests"]["total"] - stats["requests"]["total"])
+    print(f"| count doubled: old requests re-sent | {resent} |")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def fresh_model(tokenizer, device: str, dtype):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), **BUILTIN_MODELS["tiny-llama"].config)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "q_proj", "v_proj"], task_type="CAUSAL_LM")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "q_proj", "v_proj"],
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -91,7 +92,8 @@ def run_trl(examples, tokenizer, packing: bool, args, device: str, dtype) -> dic
     model = fresh_model(tokenizer, device, dtype)
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                           learning_rate=2e-4, lr_scheduler_type="constant", packing=packing, max_length=args.max_length,
+                           learning_rate=2e-4, lr_scheduler_type="constant", packing=packing,
+                           max_length=args.max_length,
                            completion_only_loss=True, report_to=[], logging_steps=10_000, save_strategy="no",
                            use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
                            seed=0, disable_tqdm=True)

@@ -16,7 +16,8 @@ ASSETS = REPO / "tests" / "assets"
 
 def run_in(cwd: Path, *cmd: str) -> str:
     """A command (tunefile, dvc, git) run in a project with the venv's bin first on PATH; it must succeed."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr

@@ -14,301 +14,126 @@ a killed eval resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
 from pathlib import Path
 
 from builder.errors import StageError
-from builder.hashing import hash_value
+from builder.llm.items import ItemCache
+from builder.llm.llama import BatchScorer, format_chat, token_text
 
 
-class ItemCache:
-    """Results by (model key, kind, request): one SQLite file, committed after every item; safe to
-    share between the threads of a concurrent client."""
+class LlamaCppLM:
+    """lm-eval's model interface over an open llama_cpp.Llama (logits_all=True): the requests, each
+    answered from the item cache or computed (scores in batches). A mixin: `make_adapter` puts it
+    before lm-eval's TemplateLM, which is imported only when tasks run."""
 
-    def __init__(self, path: Path, model_key: str):
-        import sqlite3
-        import threading
+    def __init__(self, llm, cache: ItemCache):
+        super().__init__()
+        self.llm, self.cache = llm, cache
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
-        # WAL without a sync per commit: a crash keeps every committed item, at no fsync per item.
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS items (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self.model_key, self.hits, self.misses = model_key, 0, 0
+    @property
+    def eot_token_id(self) -> int:
+        return self.llm.token_eos()
 
-    def _key(self, kind: str, request: object) -> str:
-        return hash_value({"model": self.model_key, "kind": kind, "request": request})
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.llm.token_bos()
+        return bos if bos >= 0 else self.llm.token_eos()
 
-    def get(self, kind: str, request: object):
-        with self.lock:
-            row = self.db.execute("SELECT value FROM items WHERE key = ?", (self._key(kind, request),)).fetchone()
-            if row is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-        return json.loads(row[0])
+    @property
+    def max_length(self) -> int:
+        return self.llm.n_ctx()
 
-    def put(self, kind: str, request: object, value: object) -> None:
-        with self.lock:
-            if self.db is None:  # closed: a client thread whose build already failed
-                return
-            self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?)",
-                            (self._key(kind, request), json.dumps(value, sort_keys=True)))
-            self.db.commit()
+    @property
+    def tokenizer_name(self) -> str:
+        return "gguf"
 
-    def close(self) -> None:
-        with self.lock:
-            if self.db is not None:
-                self.db.close()
-                self.db = None
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
 
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        bos = token_text(self.llm, self.prefix_token_id)
+        add = add_special_tokens if add_special_tokens is not None else not (bos and string.startswith(bos))
+        return self.llm.tokenize(string.encode("utf-8"), add_bos=add, special=True)
 
-def log_softmax_rows(logits):
-    import numpy as np
+    def _scored(self, requests: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """Each (tokens, first) from the item cache, the rest scored in batches (then cached)."""
+        keys = [{"tokens": list(tokens), "first": first} for tokens, first in requests]
+        found = [self.cache.get("loglikelihood", key) for key in keys]
+        todo = {}  # one scoring per distinct request: (tokens, first) -> its result
+        for k, f in enumerate(found):
+            if f is None:
+                todo.setdefault((tuple(keys[k]["tokens"]), keys[k]["first"]), None)
+        if todo:
+            scorer = BatchScorer(self.llm)
+            try:
+                scored = dict(zip(todo, scorer.score([(list(tokens), first) for tokens, first in todo])))
+            finally:
+                scorer.close()
+            for (tokens, first), result in scored.items():
+                self.cache.put("loglikelihood", {"tokens": list(tokens), "first": first}, list(result))
+            found = [f if f is not None else scored[(tuple(key["tokens"]), key["first"])]
+                     for f, key in zip(found, keys)]
+        return [(float(f[0]), bool(f[1])) for f in found]
 
-    logits = np.asarray(logits, dtype=np.float64)
-    peak = logits.max(axis=1, keepdims=True)
-    return logits - (np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)) + peak)
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=True)
 
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        wanted = []
+        for _, context, continuation in requests:
+            whole = (context + continuation)[-(self.max_length + 1):]
+            wanted.append((whole, max(1, len(whole) - len(continuation))))
+        return self._scored(wanted)
 
-class BatchScorer:
-    """Scores several token sequences per llama_decode: a second context on the same loaded model,
-    each sequence its own seq_id in one unified KV cache, logits for every token. Sequences are
-    packed into batches of at most `capacity` tokens and MAX_SEQUENCES sequences."""
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    MAX_SEQUENCES = 16
-    LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits per batch
+        windows = []  # (request index, tokens, first)
+        for k, (text,) in enumerate(r.args for r in requests):
+            for context, predicted in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length - 1, context_len=1)):
+                windows.append((k, context + predicted, len(context)))
+        totals = [0.0] * len(requests)
+        for (k, _, _), (logprob, _) in zip(windows, self._scored([(w[1], w[2]) for w in windows])):
+            totals[k] += logprob
+        return totals
 
-    def __init__(self, llm):
-        import llama_cpp
-        from llama_cpp import _internals
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for context, gen_kwargs in [r.args for r in requests]:
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            request = {"prompt": self.tok_encode(context), "until": until,
+                       "max_tokens": int(gen_kwargs.get("max_gen_toks", 256))}
+            text = self.cache.get("generate", request)
+            if text is None:
+                self.llm.reset()
+                reply = self.llm.create_completion(request["prompt"], max_tokens=request["max_tokens"],
+                                                   temperature=0.0, seed=0, stop=until or None)
+                text = reply["choices"][0]["text"]
+                self.cache.put("generate", request, text)
+            out.append(text)
+        return out
 
-        self.llm, self.vocab = llm, llm.n_vocab()
-        budget = min(4096, llm._model.n_ctx_train(), self.LOGITS_BUDGET // (4 * self.vocab))
-        self.capacity = max(llm.n_ctx(), budget)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = self.capacity
-        params.n_seq_max = self.MAX_SEQUENCES
-        params.kv_unified = True
-        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
-        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
-        self.batch = _internals.LlamaBatch(n_tokens=self.capacity, embd=0, n_seq_max=self.MAX_SEQUENCES, verbose=False)
-
-    def score(self, requests: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
-        """(log-probability of tokens[first:] given the tokens before, greedy?) for each (tokens, first)."""
-        import numpy as np
-
-        results: list = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda k: -len(requests[k][0]))  # longest first: tight batches
-        while order:
-            picked, used = [], 0
-            while order and len(picked) < self.MAX_SEQUENCES and used + len(requests[order[0]][0]) - 1 <= self.capacity:
-                used += len(requests[order[0]][0]) - 1
-                picked.append(order.pop(0))
-            self.batch.reset()
-            for seq, k in enumerate(picked):
-                self.batch.add_sequence(requests[k][0][:-1], seq, logits_all=True)
-            self.ctx.kv_cache_clear()
-            self.ctx.decode(self.batch)
-            logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(used, self.vocab))
-            start = 0
-            for k in picked:
-                tokens, first = requests[k]
-                rows = log_softmax_rows(logits[start + first - 1:start + len(tokens) - 1])
-                targets = np.asarray(tokens[first:])
-                results[k] = (float(rows[np.arange(len(targets)), targets].sum()), bool((rows.argmax(axis=1) == targets).all()))
-                start += len(tokens) - 1
-        return results
-
-    def close(self) -> None:
-        self.batch.close()
-        self.ctx.close()
-
-
-class BatchGenerator(BatchScorer):
-    """Greedy generation of several prompts per llama_decode, on the same kind of second context:
-    each prompt its own seq_id, then one token per live sequence per decode. A sequence ends at an
-    end-of-generation token (stopped), at one of its stop texts (stopped; the text is cut there)
-    or after max_tokens (not stopped): what create_completion does with temperature 0, one
-    sequence at a time."""
-
-    def generate(self, prompts: list[list[int]], stops: list[list[str]], max_tokens: int) -> list[dict]:
-        results: list = [None] * len(prompts)
-        order = list(range(len(prompts)))
-        while order:
-            group, used = [], 0
-            while order and len(group) < self.MAX_SEQUENCES and used + len(prompts[order[0]]) + max_tokens <= self.capacity:
-                used += len(prompts[order[0]]) + max_tokens
-                group.append(order.pop(0))
-            if not group:  # one prompt longer than the context: generate nothing, as llama.cpp would refuse
-                k = order.pop(0)
-                results[k] = {"text": "", "tokens": 0, "stopped": False}
-                continue
-            for k, result in zip(group, self._group([prompts[k] for k in group], [stops[k] for k in group], max_tokens)):
-                results[k] = result
-        return results
-
-    def _group(self, prompts: list[list[int]], stops: list[list[str]], max_tokens: int) -> list[dict]:
-        import llama_cpp
-        import numpy as np
-
-        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
-        self.ctx.kv_cache_clear()
-        self.batch.reset()
-        for seq, prompt in enumerate(prompts):
-            self.batch.add_sequence(prompt, seq, logits_all=False)
-        self.ctx.decode(self.batch)
-        live = list(range(len(prompts)))
-        out: list[list[int]] = [[] for _ in prompts]
-        done: list[dict | None] = [None] * len(prompts)
-        while live:
-            logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(live), self.vocab))
-            nexts = []
-            for row, seq in enumerate(live):
-                token = int(np.argmax(logits[row]))
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    done[seq] = self._result(out[seq], stops[seq], stopped=True)
-                    continue
-                out[seq].append(token)
-                text = self._text(out[seq])
-                if any(stop in text for stop in stops[seq]):
-                    done[seq] = self._result(out[seq], stops[seq], stopped=True)
-                elif len(out[seq]) >= max_tokens:
-                    done[seq] = self._result(out[seq], stops[seq], stopped=False)
-                else:
-                    nexts.append(seq)
-            live = nexts
-            if live:
-                self.batch.reset()
-                for i, seq in enumerate(live):
-                    b = self.batch.batch
-                    b.token[i], b.pos[i] = out[seq][-1], len(prompts[seq]) + len(out[seq]) - 1
-                    b.seq_id[i][0], b.n_seq_id[i], b.logits[i] = seq, 1, True
-                self.batch.batch.n_tokens = len(live)
-                self.ctx.decode(self.batch)
-        return done  # type: ignore[return-value]
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
-
-    def _result(self, tokens: list[int], stops: list[str], stopped: bool) -> dict:
-        text = self._text(tokens)
-        cuts = [text.index(stop) for stop in stops if stop in text]
-        return {"text": text[:min(cuts)] if cuts else text, "tokens": len(tokens), "stopped": stopped}
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        template = self.chat_template()
+        if not template:
+            raise StageError("evaluate.chat_template is on, but the GGUF carries no tokenizer.chat_template")
+        return format_chat(self.llm, template, chat_history, add_generation_prompt)[0]
 
 
 def make_adapter(llm, cache: ItemCache):
     """An lm-eval TemplateLM over an open llama_cpp.Llama (logits_all=True)."""
     from lm_eval.api.model import TemplateLM
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    class GGUFLM(TemplateLM):
-        def __init__(self):
-            super().__init__()
-            self.llm, self.cache = llm, cache
+    class GGUFLM(LlamaCppLM, TemplateLM):
+        pass
 
-        @property
-        def eot_token_id(self) -> int:
-            return self.llm.token_eos()
-
-        @property
-        def prefix_token_id(self) -> int:
-            bos = self.llm.token_bos()
-            return bos if bos >= 0 else self.llm.token_eos()
-
-        @property
-        def max_length(self) -> int:
-            return self.llm.n_ctx()
-
-        @property
-        def tokenizer_name(self) -> str:
-            return "gguf"
-
-        def chat_template(self, chat_template: bool | str = False) -> str | None:
-            return self.llm.metadata.get("tokenizer.chat_template")
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-            bos = _piece(self.llm, self.prefix_token_id)
-            add = add_special_tokens if add_special_tokens is not None else not (bos and string.startswith(bos))
-            return self.llm.tokenize(string.encode("utf-8"), add_bos=add, special=True)
-
-        def _scored(self, requests: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
-            """Each (tokens, first) from the item cache, the rest scored in batches (then cached)."""
-            keys = [{"tokens": list(tokens), "first": first} for tokens, first in requests]
-            found = [self.cache.get("loglikelihood", key) for key in keys]
-            todo = {}  # one scoring per distinct request: (tokens, first) -> its result
-            for k, f in enumerate(found):
-                if f is None:
-                    todo.setdefault((tuple(keys[k]["tokens"]), keys[k]["first"]), None)
-            if todo:
-                scorer = BatchScorer(self.llm)
-                try:
-                    scored = dict(zip(todo, scorer.score([(list(tokens), first) for tokens, first in todo])))
-                finally:
-                    scorer.close()
-                for (tokens, first), result in scored.items():
-                    self.cache.put("loglikelihood", {"tokens": list(tokens), "first": first}, list(result))
-                found = [f if f is not None else scored[(tuple(key["tokens"]), key["first"])]
-                         for f, key in zip(found, keys)]
-            return [(float(f[0]), bool(f[1])) for f in found]
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-            wanted = []
-            for _, context, continuation in requests:
-                whole = (context + continuation)[-(self.max_length + 1):]
-                wanted.append((whole, max(1, len(whole) - len(continuation))))
-            return self._scored(wanted)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            windows = []  # (request index, tokens, first)
-            for k, (text,) in enumerate(r.args for r in requests):
-                for context, predicted in map(make_disjoint_window, get_rolling_token_windows(
-                        token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                        max_seq_len=self.max_length - 1, context_len=1)):
-                    windows.append((k, context + predicted, len(context)))
-            totals = [0.0] * len(requests)
-            for (k, _, _), (logprob, _) in zip(windows, self._scored([(w[1], w[2]) for w in windows])):
-                totals[k] += logprob
-            return totals
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            out = []
-            for context, gen_kwargs in [r.args for r in requests]:
-                until = gen_kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                request = {"prompt": self.tok_encode(context), "until": until,
-                           "max_tokens": int(gen_kwargs.get("max_gen_toks", 256))}
-                text = self.cache.get("generate", request)
-                if text is None:
-                    self.llm.reset()
-                    reply = self.llm.create_completion(request["prompt"], max_tokens=request["max_tokens"],
-                                                       temperature=0.0, seed=0, stop=until or None)
-                    text = reply["choices"][0]["text"]
-                    self.cache.put("generate", request, text)
-                out.append(text)
-            return out
-
-        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-            from builder.stages.evaluate import format_chat
-
-            template = self.chat_template()
-            if not template:
-                raise StageError("evaluate.chat_template is on, but the GGUF carries no tokenizer.chat_template")
-            return format_chat(self.llm, template, chat_history, add_generation_prompt)[0]
-
-    return GGUFLM()
-
-
-def _piece(llm, token: int) -> str:
-    return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+    return GGUFLM(llm, cache)
 
 
 def local_task(entry: str, root: Path) -> tuple[str, Path] | None:
