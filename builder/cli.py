@@ -10,24 +10,29 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
+from builder.data.preview import preview
+from builder.data.report import format_stats_table
+from builder.engine.build import build_recipe, quant_report, run_dvc_stage, stage_map, stage_status
+from builder.engine.resolve import dvc_yaml_text, resolve
 from builder.errors import RecipeError, TunefileError
+from builder.evaluate.summary import format_quant_table
+from builder.export.doctor import run_doctor
+from builder.export.vendor import ensure_converter
+from builder.files import write_atomic
+from builder.recipe.project import find_root, load_project, load_standalone
 
 DEBUG_ENV = "TUNEFILE_DEBUG"  # =1: let exceptions through with their traceback
 
 
 def _project():
-    # Imported here: `tunefile doctor` and `vendor` need no recipe machinery (pydantic, jinja2).
-    from builder.recipe.project import load_project
-
     return load_project()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from builder.recipe.project import find_root, load_standalone
-
     if find_root() is None and args.recipes:
         # Outside any project: each recipe alone, paths relative to the current folder, default
         # machine settings (params.yaml's defaults).
@@ -48,8 +53,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from builder.engine.build import stage_map, stage_status
-
     project = _project()
     recipe, plan = stage_map(project, args.recipe)
     for stage in plan.values():
@@ -58,18 +61,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.engine.build import build_recipe
-
     build_recipe(_project(), args.recipe, args.until, say=print)
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    import json
-
-    from builder.data.report import format_stats_table
-    from builder.engine.build import build_recipe
-
     project = _project()
     # A no-op when the dataset is current; progress goes to stderr, the table to stdout.
     recipe = build_recipe(project, args.recipe, "dataset", say=lambda line: print(line, file=sys.stderr))
@@ -81,24 +77,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from builder.engine.build import run_dvc_stage
-
     run_dvc_stage(_project(), args.recipe, args.stage, say=print)
     return 0
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from builder.engine.resolve import resolve
-
     for line in resolve():
         print(line)
     return 0
 
 
 def cmd_dvc(args: argparse.Namespace) -> int:
-    from builder.engine.resolve import dvc_yaml_text
-    from builder.files import write_atomic
-
     path, text = dvc_yaml_text()
     current = path.read_text() if path.is_file() else None
     if args.check:
@@ -113,9 +102,6 @@ def cmd_dvc(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from builder.data.report import format_quant_table
-    from builder.engine.build import quant_report
-
     print(format_quant_table(*quant_report(_project(), args.recipe)), end="")
     return 0
 
@@ -123,7 +109,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from builder.data.preview import preview
 
     color = sys.stdout.isatty() and not args.no_color
     html_path = Path(args.html) if args.html else None
@@ -133,15 +118,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_vendor(args: argparse.Namespace) -> int:
-    from builder.export.vendor import ensure_converter
-
     print(ensure_converter())
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from builder.export.doctor import run_doctor
-
     run_doctor()
     print("doctor: llama-cpp-python loads and decodes f16, q8_0 and q4_k_m files on this CPU")
     return 0

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import xxhash
 
+from builder.files import read_json, write_atomic
+
 CHUNK = 1 << 20
 
 
@@ -43,11 +45,8 @@ class StatCache:
         self.entries: dict[str, list] = {}
         self.touched: set[str] = set()  # the files asked about since this cache was opened
         self.dirty = False
-        if path is not None and path.is_file():
-            try:
-                self.entries = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self.entries = {}  # a damaged cache costs a rehash, never a wrong digest
+        if path is not None:
+            self.entries = read_json(path, default={})  # a damaged cache costs a rehash, never a wrong digest
 
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
@@ -65,7 +64,5 @@ class StatCache:
     def save(self) -> None:
         if self.path is None or not self.dirty:
             return
-        from builder.files import write_atomic
-
         write_atomic(self.path, canonical_json(self.entries))
         self.dirty = False

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from builder.files import read_json
 from builder.hashing import hash_file
 
 INDEX = ".index.json"
@@ -66,9 +67,8 @@ class StageStore:
         """The entry's folder, to read in place, if it is there and every file's digest matches;
         None (and a damaged entry dropped) otherwise."""
         entry = self.entry(key)
-        try:
-            index = json.loads((entry / INDEX).read_text())
-        except (OSError, ValueError):
+        index = read_json(entry / INDEX, default=None)
+        if not isinstance(index, dict):
             return None
         for rel, digest in index.items():
             if not (entry / rel).is_file() or hash_file(entry / rel) != digest:
@@ -82,8 +82,7 @@ class StageStore:
         entry = self.verified(key)
         if entry is None:
             return False
-        index = json.loads((entry / INDEX).read_text())
-        for rel in index:
+        for rel in read_json(entry / INDEX):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(entry / rel, dst / rel)
         return True

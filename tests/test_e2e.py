@@ -191,7 +191,8 @@ def test_lm_eval_adapter_rolling_generation_and_item_cache(repo, tmp_path):
     import llama_cpp
     from lm_eval.api.instance import Instance
 
-    from builder.evaluate.lmeval import ItemCache, make_adapter
+    from builder.evaluate.lmeval import make_adapter
+    from builder.llm.items import ItemCache
 
     llm = llama_cpp.Llama(model_path=str(repo / "build/default/gguf/model-f16.gguf"), n_ctx=256, logits_all=True,
                           seed=0, verbose=False)
@@ -221,8 +222,7 @@ def test_batched_answers_are_the_answers_one_at_a_time(repo):
     one at a time does (a near-tie may round differently in a batch: at most one of 12 may differ)."""
     import llama_cpp
 
-    from builder.evaluate.lmeval import BatchGenerator
-    from builder.stages.evaluate import _token_text, format_chat
+    from builder.llm.llama import BatchGenerator, format_chat, token_text
 
     llm = llama_cpp.Llama(model_path=str(repo / "build/default/gguf/model-f16.gguf"), n_ctx=512, seed=0, verbose=False)
     prompts = [json.loads(line)["prompt"] for line in (repo / "data/demo_prompts.jsonl").read_text().splitlines()]
@@ -236,7 +236,7 @@ def test_batched_answers_are_the_answers_one_at_a_time(repo):
         template = llm.metadata["tokenizer.chat_template"]
         generator = BatchGenerator(llm)
         batched = generator.generate([format_chat(llm, template, [{"role": "user", "content": p}], True)[1]
-                                      for p in prompts], [[_token_text(llm, llm.token_eos())]] * len(prompts), 32)
+                                      for p in prompts], [[token_text(llm, llm.token_eos())]] * len(prompts), 32)
         generator.close()
     finally:
         llm.close()

@@ -40,8 +40,8 @@ def test_a_second_build_of_a_recipe_is_refused_while_one_runs(tmp_path):
     project = load_project(root)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time\nfrom builder.recipe.project import load_project\nfrom builder.engine.runner import recipe_lock\n"
-        "with recipe_lock(load_project(%r), 'default'):\n    print('held', flush=True); time.sleep(30)\n"
-    ) % str(root)], stdout=subprocess.PIPE, text=True)
+        f"with recipe_lock(load_project({str(root)!r}), 'default'):\n    print('held', flush=True); time.sleep(30)\n"
+    )], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StageError, match=rf"recipe 'default' is being built by pid {holder.pid}; wait"):

@@ -11,12 +11,14 @@ decides, so pairs clearly above or below the threshold never depend on MinHash l
 from __future__ import annotations
 
 import functools
-import json
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import xxhash
+
+from builder.errors import DataError
+from builder.files import read_json, read_jsonl, read_text
 
 MERSENNE_61 = (1 << 61) - 1  # permutations are (a*x + b) mod this prime
 _P = np.uint64(MERSENNE_61)
@@ -118,7 +120,8 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 class NearDuplicateIndex:
     """MinHash + LSH over word 5-gram shingles. Insert texts in order; `add` says whether a text is a
-    near duplicate (estimated Jaccard >= threshold, then confirmed by the exact Jaccard of the shingle sets) of one already kept.
+    near duplicate (estimated Jaccard >= threshold, then confirmed by the exact Jaccard of the shingle
+    sets) of one already kept.
 
     The estimate is the LSH banding: a kept text is a candidate when its signature agrees with
     the new one on a whole band. Among candidates whose exact Jaccard reaches the threshold,
@@ -217,39 +220,24 @@ def _strings(value: object) -> list[str]:
 def read_benchmark_texts(path: Path) -> list[str]:
     """Prompts from a benchmark file: .txt one per non-empty line; .jsonl one JSON value per line and .json
     a list (or an object of lists) of values, where every string inside a value (recursively, dict
-    values in sorted key order) is one text. Raise ValueError naming the file and line for bad JSON
-    or an unknown suffix."""
+    values in sorted key order) is one text. Raise DataError naming the file (and line, for text
+    that is not UTF-8 or not JSON) for a bad file or an unknown suffix."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl", ".json"):
-        raise ValueError(f"{path}: unknown benchmark file suffix {path.suffix!r}; expected .txt, .jsonl or .json")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = e.object.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
     if suffix == ".txt":
-        return [line.strip() for line in text.split("\n") if line.strip()]
+        lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")  # universal newlines
+        return [line.strip() for line in lines if line.strip()]
     if suffix == ".jsonl":
-        texts: list[str] = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                texts.extend(_strings(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        return texts
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        return [text for _, value in read_jsonl(path) for text in _strings(value)]
+    if suffix != ".json":
+        raise DataError(f"{path}: unknown benchmark file suffix {path.suffix!r}; expected .txt, .jsonl or .json")
+    data = read_json(path)
     if isinstance(data, dict):
         for key in sorted(data):
             if not isinstance(data[key], list):
-                raise ValueError(f"{path}: key {key!r} holds {type(data[key]).__name__}; expected a list of values")
+                raise DataError(f"{path}: key {key!r} holds {type(data[key]).__name__}; expected a list of values")
     elif not isinstance(data, list):
-        raise ValueError(f"{path}: top level is {type(data).__name__}; expected a list or an object of lists")
+        raise DataError(f"{path}: top level is {type(data).__name__}; expected a list or an object of lists")
     return _strings(data)
 
 
@@ -319,14 +307,12 @@ def decontaminate(recipe, root: Path, sources: dict, eval_rows: dict[str, set[in
                   pools: dict[str, list[int]]) -> dict[str, list[tuple[int, str]]]:
     """Train rows sharing a word n-gram with an eval example or a benchmark file: {source: [(row, n-gram)]}.
     Memory: the n-gram hashes of the eval split and benchmark files only (8 bytes an n-gram)."""
-    from builder.errors import DataError
-
     spec = recipe.decontaminate
     index = NgramIndex(spec.ngram)
     for path in spec.files:
         try:
             texts = read_benchmark_texts(root / path)
-        except ValueError as exc:
+        except DataError as exc:
             raise DataError(f"decontaminate.files: {exc}") from None
         for text in texts:
             index.add(text)

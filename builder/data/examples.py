@@ -6,6 +6,7 @@ eval-split key), which the stage's outputs drop.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,9 @@ class Examples:
         return (bounds[1:] - bounds[:-1])[np.asarray(self.rows, dtype=np.int64)] if self.rows else np.zeros(0, np.int64)
 
     def keep(self, mask: list[bool]) -> Examples:
-        return Examples([c for c, m in zip(self.conversations, mask) if m], [d for d, m in zip(self.digests, mask) if m],
-                        self.batch, [r for r, m in zip(self.rows, mask) if m])
+        return Examples([c for c, m in zip(self.conversations, mask) if m],
+                        [d for d, m in zip(self.digests, mask) if m], self.batch,
+                        [r for r, m in zip(self.rows, mask) if m])
 
 
 def conversation_digest(conversation: Conversation) -> str:
@@ -125,7 +127,8 @@ def examples_table(examples: Examples):
 
 # Dictionary pages and statistics only where they pay: on token lists and texts they cost write
 # time for a larger file (a 218k-row split: 1.15 s and 23.6 MB with them, 0.87 s and 19.0 MB without).
-SPLIT_WRITE = {"compression": "zstd", "use_dictionary": ["source", "file"], "write_statistics": ["source", "file", "row"]}
+SPLIT_WRITE = {"compression": "zstd", "use_dictionary": ["source", "file"],
+               "write_statistics": ["source", "file", "row"]}
 CHUNK_WRITE = {"compression": "lz4", "use_dictionary": ["source", "file"], "write_statistics": ["row"]}
 WRITE_BATCH = 4096  # rows of a split file's row groups, at least (more for huge splits: <= MAX_BUCKETS groups)
 MAX_BUCKETS = 256
@@ -175,8 +178,6 @@ def _shuffle_rows(out, schema, sources: dict, names: list[str], source_of, row_o
     appended to the bucket file of the row group they go to (with their output position); then
     each bucket is read, put in order and written as one row group. Memory holds one chunk or one
     bucket at a time; nothing is read at random."""
-    import tempfile
-
     import numpy as np
     import pyarrow as pa
 

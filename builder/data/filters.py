@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Optional
 
 from builder.data.records import Conversation
 from builder.recipe.schema import FiltersSpec
 
-Rejection = Optional[tuple[str, str]]
+Rejection = tuple[str, str] | None
 
 
 def _body(conversation: Conversation) -> list:
@@ -62,7 +61,8 @@ def _deny_patterns(conversation: Conversation, spec: FiltersSpec) -> Rejection:
         for i, message in enumerate(conversation.messages):
             found = pattern.search(message.content)
             if found:
-                return "deny_patterns", f"message {i} ({message.role}) matches {pattern.pattern!r}: {found.group(0)[:60]!r}"
+                return ("deny_patterns",
+                        f"message {i} ({message.role}) matches {pattern.pattern!r}: {found.group(0)[:60]!r}")
     return None
 
 

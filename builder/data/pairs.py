@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builder.data.examples import conversation_digest
+from builder.data.mixture import hash_prefixes
 from builder.data.records import Conversation, Message, with_system_prompt
 from builder.data.sources import Reject
 from builder.hashing import hash_value
@@ -77,7 +78,8 @@ def tokenize_pairs(conversations: list[Conversation], template: str, tokenizer, 
     finals = [with_system_prompt(conv, system_prompt) for conv in conversations]
     sides = [[m.__dict__ for m in final.messages] for final in finals]
     sides += [[*side[:-1], {"role": "assistant", "content": conv.rejected}] for side, conv in zip(sides, finals)]
-    batch, results = tokenize_batch(template, sides, tokenizer, train_on="last_assistant", no_end_of_turn=no_end_of_turn)
+    batch, results = tokenize_batch(template, sides, tokenizer, train_on="last_assistant",
+                                    no_end_of_turn=no_end_of_turn)
 
     def tokens(k: int) -> tuple[list[int], list[int]]:
         row = results[k]
@@ -110,8 +112,6 @@ def tokenize_pairs(conversations: list[Conversation], template: str, tokenizer, 
 def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int | None) -> tuple[list[Pair], list[Pair]]:
     """(train, held out): by each pair's own hash, so adding a pair moves no other pair across.
     eval_size takes the pairs with the smallest hashes; else those below eval_fraction."""
-    from builder.data.mixture import hash_prefixes
-
     prefixes = hash_prefixes([p.digest for p in pairs]).tolist()
     if eval_size is not None:
         held = set(sorted(range(len(pairs)), key=lambda i: (prefixes[i], i))[:eval_size])
@@ -122,8 +122,6 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int | None) 
 
 def cap_pairs(pairs: list[Pair], caps: dict[str, int | None]) -> list[Pair]:
     """sources[].max_examples: the source's pairs with the smallest hashes (a stable pick), in input order."""
-    from builder.data.mixture import hash_prefixes
-
     keep = set(range(len(pairs)))
     for source, cap in caps.items():
         mine = [i for i, p in enumerate(pairs) if p.source == source]

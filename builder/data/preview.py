@@ -23,7 +23,10 @@ from pathlib import Path
 from builder.data.records import Conversation
 from builder.data.shards import examples_of, shard_settings
 from builder.data.sources import Reject, read_source
+from builder.data.tokenizer import load_tokenizer as load_built_tokenizer
 from builder.errors import TunefileError
+from builder.models import BUILTIN_MODELS
+from builder.models.tiny_llama import train_tokenizer
 from builder.recipe.project import Project
 from builder.recipe.schema import Recipe
 from builder.templates import TemplateError, end_of_turn_markers, read_template
@@ -60,18 +63,13 @@ def load_tokenizer(project: Project, recipe: Recipe):
     folder's, or the builtin's."""
     base_dir = project.stage_dir(recipe.name, "base")
     if (base_dir / "tokenizer_config.json").is_file():
-        from builder.data.tokenizer import load_tokenizer as load_built
-
-        return load_built(base_dir, project.cache_dir)
-    from transformers import AutoTokenizer
-
+        return load_built_tokenizer(base_dir, project.cache_dir)
     ref = recipe.base.ref
     if ref.builtin is not None:
-        from builder.models import BUILTIN_MODELS
-        from builder.models.tiny_llama import train_tokenizer
-
         return train_tokenizer(BUILTIN_MODELS[ref.builtin])
     if ref.folder is not None:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(project.root / ref.folder)
     raise TunefileError(f"preview needs the tokenizer of {recipe.base.model}; build the base stage first: "
                         f"tunefile build {recipe.name} --until base")

@@ -2,13 +2,14 @@
 
 `tunefile stats RECIPE` reads the dataset stage's `stats.json` and calls these:
 
-    stats = json.loads((dataset_dir / "stats.json").read_text())
+    stats = read_json(dataset_dir / "stats.json")
     print(format_stats_table(stats, color=True))        # one row per source and a total row
     write_mixture_png(stats, Path("mixture.png"))      # shares of examples/tokens, length histogram
 
 Older stats.json files lack some keys (rows, malformed, deduplicated, filtered, mean_tokens,
 max_tokens, length_histogram, order): their cells show "-" and the histogram panel is left out.
-Output is deterministic: the same stats give the same text and the same PNG bytes.
+Output is deterministic: the same stats give the same text and the same PNG bytes. The eval
+summary's plot (builder/evaluate/summary.py) draws its panels with the same draw_frame and draw_bars.
 """
 from __future__ import annotations
 
@@ -197,64 +198,18 @@ def write_mixture_png(stats: dict, path: Path) -> None:
     write_atomic(Path(path), buffer.getvalue())
 
 
-def eval_panels(metrics: dict[str, dict]) -> list[tuple[str, dict[str, float]]]:
-    """(title, {type: value}) for each number eval/metrics.json holds for every type: perplexity,
-    the stop rate, the instruction-following rates and each task metric."""
-    def value(m: dict, path: tuple) -> float | None:
-        for key in path:
-            m = m.get(key) if isinstance(m, dict) else None
-        return m if isinstance(m, (int, float)) and not isinstance(m, bool) else None
-
-    paths = [("perplexity (assistant tokens)", ("perplexity",)), ("stop rate", ("checks", "stop_rate")),
-             ("instructions followed, strict (prompts)", ("checks", "prompt_strict")),
-             ("constraints met, strict", ("checks", "constraint_strict"))]
-    tasks = sorted({t for m in metrics.values() for t in (m.get("tasks") or {})})
-    paths += [(f"{t}: {k}", ("tasks", t, k)) for t in tasks for k in ("acc", "acc_norm", "exact_match")]
-    panels = []
-    for title, path in paths:
-        values = {name: value(m, path) for name, m in metrics.items()}
-        if values and all(v is not None for v in values.values()):
-            panels.append((title, values))
-    return panels
-
-
-def write_eval_png(metrics: dict[str, dict], path: Path) -> None:
-    """eval/metrics.png: one panel per metric, a bar per GGUF file (the base model first, in grey),
-    for `dvc plots show`. Same metrics, same bytes."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    panels = eval_panels(metrics) or [("no metrics yet", {})]
-    width = int(FIGURE_WIDTH * DPI)
-    image = Image.new("RGB", (width, PANEL_PX * len(panels)), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=12)
-    for k, (title, values) in enumerate(panels):
-        box = (MARGIN_LEFT, k * PANEL_PX + MARGIN_TOP, width - MARGIN_RIGHT, (k + 1) * PANEL_PX - MARGIN_BOTTOM)
-        _frame(draw, font, box, title, "GGUF file")
-        names = list(values)
-        columns = [[(values[n], (150, 150, 150) if n == "base" else PALETTE[i % len(PALETTE)])] for i, n in enumerate(names)]
-        top = max([*values.values(), 1e-9]) * 1.1 if values and max(values.values()) > 1 else 1.0
-        _bars(draw, font, box, columns, names, top, "")
-        for j, n in enumerate(names):  # the value above each bar
-            slot = (box[2] - box[0]) / len(names)
-            height = (box[3] - box[1]) * values[n] / top
-            draw.text((box[0] + (j + 0.5) * slot, box[3] - height - 3), f"{values[n]:.3g}", fill="black", font=font,
-                      anchor="mb")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
-    write_atomic(Path(path), buffer.getvalue())
-
-
-def _frame(draw, font, box: tuple, title: str, xlabel: str) -> None:
+def draw_frame(draw, font, box: tuple, title: str, xlabel: str) -> None:
+    """A panel's box, its title above and its x-axis label below (shared with the eval plot)."""
     left, top, right, bottom = box
     draw.rectangle(box, outline="black")
     draw.text(((left + right) // 2, top - 6), title, fill="black", font=font, anchor="mb")
     draw.text(((left + right) // 2, bottom + 22), xlabel, fill="black", font=font, anchor="mt")
 
 
-def _bars(draw, font, box: tuple, columns: list[list[tuple[float, tuple]]], labels: list[str], top_value: float,
-          ylabel: str) -> None:
-    """Vertical stacked bars: columns[j] is a list of (value, colour) from the bottom up."""
+def draw_bars(draw, font, box: tuple, columns: list[list[tuple[float, tuple]]], labels: list[str], top_value: float,
+              ylabel: str) -> None:
+    """Vertical stacked bars: columns[j] is a list of (value, colour) from the bottom up (shared with
+    the eval plot)."""
     left, top, right, bottom = box
     slot = (right - left) / max(len(columns), 1)
     for j, stack in enumerate(columns):
@@ -262,8 +217,8 @@ def _bars(draw, font, box: tuple, columns: list[list[tuple[float, tuple]]], labe
         for value, color in stack:
             height = (bottom - top) * value / top_value if top_value else 0
             if height > 0:
-                draw.rectangle((left + j * slot + slot * 0.15, base - height, left + (j + 1) * slot - slot * 0.15, base),
-                               fill=color)
+                x0, x1 = left + j * slot + slot * 0.15, left + (j + 1) * slot - slot * 0.15
+                draw.rectangle((x0, base - height, x1, base), fill=color)
             base -= height
         draw.text((left + (j + 0.5) * slot, bottom + 4), labels[j], fill="black", font=font, anchor="mt")
     draw.text((left - 8, top), f"{top_value:,.0f}", fill="black", font=font, anchor="ra")
@@ -273,7 +228,7 @@ def _bars(draw, font, box: tuple, columns: list[list[tuple[float, tuple]]], labe
 
 def _draw_shares(draw, font, box, names, sources, colors, stats) -> None:
     left, top, right, bottom = box
-    _frame(draw, font, box, "mixture by source", "share of the train mixture (%)")
+    draw_frame(draw, font, box, "mixture by source", "share of the train mixture (%)")
     rows = (("examples", "sampled"), ("trained tokens", "trained_tokens"))
     height = (bottom - top) / len(rows)
     for r, (label, key) in enumerate(rows):
@@ -298,8 +253,8 @@ def _draw_histogram(draw, font, box, names, sources, colors, stats) -> None:
     columns = [[(counts[name][j], color) for name, color in zip(names, colors) if counts.get(name)]
                for j in range(len(labels))]
     peak = max([sum(v for v, _ in column) for column in columns] + [1])
-    _frame(draw, font, box, "length histogram", "tokens per train example")
-    _bars(draw, font, box, columns, labels, peak, "examples")
+    draw_frame(draw, font, box, "length histogram", "tokens per train example")
+    draw_bars(draw, font, box, columns, labels, peak, "examples")
 
 
 def _draw_positions(draw, font, box, names, sources, colors, stats) -> None:
@@ -308,64 +263,5 @@ def _draw_positions(draw, font, box, names, sources, colors, stats) -> None:
     columns = [[(m, (90, 90, 90))] for m in means]
     labels = [f"{100 * (j + 1) // len(means)}%" if j % max(1, len(means) // 5) == 0 or j == len(means) - 1 else ""
               for j in range(len(means))]
-    _frame(draw, font, box, f"mean tokens along the training order ({order})", "position in the train split")
-    _bars(draw, font, box, columns, labels, max(means + [1]), "tokens")
-
-
-def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
-    """`tunefile report`: the training summary and one row per GGUF file measured by an eval stage
-    (size, perplexity on assistant tokens, its ratio to the base model's and to the first tuned
-    row, generation speed, and whether the template survived the round trip), in the order given
-    (the base model first, then the unquantized file)."""
-    lines = []
-    if train:
-        lines.append(f"train: {train.get('steps')} steps, train loss {train.get('train_loss')}, eval loss "
-                     f"{train.get('eval_loss')}, {train.get('tokens_per_second')} tokens/s on {train.get('device')} "
-                     f"({train.get('precision', '-')}), padding {_percent(train.get('padding_fraction'))}")
-    tasks = sorted({t for m in evals.values() for t in (m.get("tasks") or {})})
-    judged = any(m.get("judge") for m in evals.values())
-    header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "stop rate", "IF strict", *(f"{t} acc" for t in tasks),
-              *(("judge win vs base",) if judged else ()), "gen tok/s", "template")
-    rows = []
-    first = next((m.get("perplexity") for n, m in evals.items() if n != "base" and m.get("perplexity")), None)
-    for name, metrics in evals.items():
-        ppl = metrics.get("perplexity")
-        checks = {**(metrics.get("template_roundtrip") or {}), **(metrics.get("template_checks") or {})}
-        versus = metrics.get("vs_base") or {}
-        vs_base = versus.get("perplexity_ratio")
-        instructions = metrics.get("checks") or {}
-        scores = [_with_delta(((metrics.get("tasks") or {}).get(t) or {}).get("acc"),
-                              ((versus.get("tasks") or {}).get(t) or {}).get("acc_delta")) for t in tasks]
-        rows.append((name, f"{metrics.get('file_bytes', 0) / 2**20:.2f}", MISSING if ppl is None else f"{ppl:.4f}",
-                     MISSING if vs_base is None else f"{vs_base:.4f}x",
-                     MISSING if not (ppl and first) or name == "base" else f"{ppl / first:.4f}x",
-                     _with_delta(instructions.get("stop_rate"), versus.get("stop_rate_delta")),
-                     _with_delta(instructions.get("prompt_strict"), versus.get("prompt_strict_delta")), *scores,
-                     *((_win(metrics.get("judge")),) if judged else ()),
-                     str(metrics.get("generation_tokens_per_second", MISSING)),
-                     "ok" if checks and all(checks.values()) else
-                     "FAILED: " + ", ".join(k for k, v in sorted(checks.items()) if not v) if checks else MISSING))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        lines.append("  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def _win(judge: dict | None) -> str:
-    """0.625 [0.500, 0.750]: the judge's win rate of the tuned answers and its 95% interval."""
-    if not judge or judge.get("win_rate") is None:
-        return MISSING
-    low, high = judge["win_rate_ci95"]
-    return f"{judge['win_rate']:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def _with_delta(value: float | None, delta: float | None) -> str:
-    """0.600 (+0.267): a tuned file's number and its change from the base model's."""
-    if value is None:
-        return MISSING
-    return f"{value:.3f}" + ("" if delta is None else f" ({delta:+.3f})")
-
-
-def _percent(value: float | None) -> str:
-    return MISSING if value is None else f"{100 * value:.1f}%"
+    draw_frame(draw, font, box, f"mean tokens along the training order ({order})", "position in the train split")
+    draw_bars(draw, font, box, columns, labels, max(means + [1]), "tokens")

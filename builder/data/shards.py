@@ -16,19 +16,26 @@ filters): the dataset stage and `tunefile preview` both use it.
 """
 from __future__ import annotations
 
-import json
+import importlib
+import multiprocessing
 import os
 import tempfile
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder.data.arrow import integers
 from builder.data.examples import CHUNK_WRITE, Examples, examples_table, tokenize_examples
 from builder.data.filters import check_conversation, check_tokens
 from builder.data.records import Conversation
+from builder.data.report import DELIBERATE
 from builder.data.sources import RawChunk, Reject, raw_chunks, to_conversations
-from builder.hashing import hash_value
+from builder.data.tokenizer import load_tokenizer
+from builder.errors import DataError
+from builder.files import read_json, read_jsonl, write_json, write_jsonl
+from builder.hashing import hash_text, hash_value
 from builder.recipe.schema import FiltersSpec, SourceSpec
 from builder.store import StageStore
 
@@ -68,12 +75,11 @@ class ChunkResult:
 
 def shard_settings(recipe, spec: SourceSpec, template: str, base_dir: Path, cache_dir: Path,
                    base_key: str, libraries: dict) -> ShardSettings:
-    from builder.hashing import hash_text
-
     key = hash_value({
         "version": SHARD_VERSION,
         # generate: a generated source is read as the file its stage wrote (readable_sources)
-        "source": spec.model_dump(mode="json", exclude={"weight", "max_examples", "epochs", "eval_fraction", "generate"}),
+        "source": spec.model_dump(mode="json",
+                                  exclude={"weight", "max_examples", "epochs", "eval_fraction", "generate"}),
         "template": hash_text(template),
         "tokenizer": base_key,
         "filters": recipe.filters.model_dump(mode="json"),
@@ -93,8 +99,6 @@ _TOKENIZERS: dict[str, object] = {}
 def tokenizer_for(settings: ShardSettings):
     """The base tokenizer, loaded once per process (`tokenizers` alone where proven equal)."""
     if settings.base_dir not in _TOKENIZERS:
-        from builder.data.tokenizer import load_tokenizer
-
         _TOKENIZERS[settings.base_dir] = load_tokenizer(Path(settings.base_dir), Path(settings.cache_dir))
     return _TOKENIZERS[settings.base_dir]
 
@@ -139,10 +143,9 @@ def build_chunk(settings: ShardSettings, chunk: RawChunk, key: str) -> ChunkResu
         folder = Path(tmp)
         # lz4: faster to write than zstd and fast to read; the stage's split files are zstd.
         pq.write_table(examples_table(examples), folder / "examples.parquet", **CHUNK_WRITE)
-        (folder / "rejects.jsonl").write_text("".join(
-            json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+        write_jsonl(folder / "rejects.jsonl", (r.to_dict() for r in rejects))
         meta = {"rows": rows, "conversations": len(conversations), "examples": len(examples)}
-        (folder / "meta.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
+        write_json(folder / "meta.json", meta, indent=None)
         store.put(key, folder)
     return ChunkResult(key, chunk.file, rows, len(conversations), len(examples), rejects, cached=False)
 
@@ -152,18 +155,15 @@ def cached_chunk(store: StageStore, key: str, file: str) -> ChunkResult | None:
     entry = store.verified(key)
     if entry is None:
         return None
-    meta = json.loads((entry / "meta.json").read_text())
-    rejects = [Reject(**json.loads(line)) for line in (entry / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    meta = read_json(entry / "meta.json")
+    rejects = [Reject(**value) for _, value in read_jsonl(entry / "rejects.jsonl")]
     return ChunkResult(key, file, meta["rows"], meta["conversations"], meta["examples"], rejects, cached=True)
 
 
 def warm_up(settings: ShardSettings) -> None:
     """Import what build_chunk needs and load the tokenizer in this process: forked workers start
     with both instead of each loading them again."""
-    import pyarrow.parquet  # noqa: F401
-
-    import builder.templates.tokens  # noqa: F401
-
+    importlib.import_module("pyarrow.parquet")
     tokenizer_for(settings)
 
 
@@ -182,9 +182,6 @@ class ChunkBuilder:
 
     def __enter__(self) -> ChunkBuilder:
         if self.workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
                                             initializer=_init_worker)
@@ -254,8 +251,6 @@ class SourceRows:
         import numpy as np
         import pyarrow.parquet as pq
 
-        from builder.data.arrow import integers
-
         paths = [chunk_file(cache_dir, c.key) for c in chunks]
         columns: dict[str, list] = {k: [] for k in cls.LIGHT}
         for path, chunk in zip(paths, chunks):
@@ -304,9 +299,6 @@ def hex_digests(column) -> np.ndarray:
 def check_reject_rate(spec: SourceSpec, rows: SourceRows, limit: float) -> int:
     """The number of malformed rows (rejects that are not deliberate drops); raise DataError when
     their share of the rows read passes the recipe's limit, showing the first reasons."""
-    from builder.data.report import DELIBERATE
-    from builder.errors import DataError
-
     malformed = [r for r in rows.rejects if r.reason not in DELIBERATE]
     if rows.rows_read and len(malformed) / rows.rows_read > limit:
         first = "; ".join(f"{r.file} row {r.row}: {r.reason} ({r.detail})" for r in malformed[:5])

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from builder.data.formats import FORMATS, apply_fields
 from builder.data.records import Conversation, RowError, make_conversation
 from builder.errors import DataError
+from builder.files import LineProblem, parse_json, parse_jsonl
 from builder.recipe.project import project_path
 from builder.recipe.schema import SourceSpec
 
@@ -38,25 +39,13 @@ class Reject:
                 "detail": self.detail}
 
 
-def _encoding_error(exc: UnicodeDecodeError) -> RowError:
-    return RowError("bad_encoding", f"not UTF-8: byte {exc.object[exc.start]:#04x} at column {exc.start + 1}")
-
-
 def parse_jsonl_lines(lines: Iterable[bytes], first: int = 1) -> Iterator[tuple[int, object]]:
-    """Numbered rows of raw .jsonl lines. Lines are decoded one by one, so a line that is not UTF-8
-    is one rejected row, not a dead file; blank lines are skipped (but counted in line numbers)."""
-    for number, raw in enumerate(lines, start=first):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield number, _encoding_error(exc)
-            continue
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, RowError("bad_json", str(exc))
+    """Numbered rows of raw .jsonl lines (files.parse_jsonl), a bad line as a RowError to reject.
+    A bad_json row's detail is json's own message: stored rejects (chunks, rejects.jsonl) hold it."""
+    for number, value in parse_jsonl(lines, first):
+        if isinstance(value, LineProblem):
+            value = RowError(value.reason, str(value.error) if value.reason == "bad_json" else value.detail)
+        yield number, value
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
@@ -100,10 +89,7 @@ def _checked(rows: Iterator[tuple[int, object]], dirty: bool) -> Iterator[tuple[
 
 def _read_json(path: Path) -> Iterator[tuple[int, object]]:
     text, dirty = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    data = parse_json(text, str(path))
     if isinstance(data, dict):  # an object of arrays, e.g. {"train": [...], "extra": [...]}
         if not all(isinstance(v, list) for v in data.values()):
             raise DataError(f"{path}: a .json source is an array of rows or an object of arrays")
@@ -114,8 +100,6 @@ def _read_json(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, object]]:
-    import io
-
     text, dirty = _read_text(path)
     try:
         yield from _checked(enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1), dirty)
@@ -281,4 +265,5 @@ def _parsed_chunk(rel: str, batch: list) -> RawChunk:
 
     values = [[n, repr(r) if isinstance(r, RowError) else r] for n, r in batch]
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
-    return RawChunk(rel, batch[0][0], None, list(batch), xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass")))
+    digest = xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass"))
+    return RawChunk(rel, batch[0][0], None, list(batch), digest)

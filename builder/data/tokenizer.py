@@ -13,12 +13,12 @@ SentencePiece ones), or whose comparison fails, are loaded by transformers as be
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.files import write_json
+from builder.files import read_json, write_json
 from builder.hashing import hash_file, hash_value
+from builder.templates import special_tokens
 from builder.versions import library_version
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -59,13 +59,12 @@ def _special_tokens(hf) -> dict[str, str]:
 
 def verify_fast_load(base_dir: Path, cache_dir: Path, hf=None) -> bool:
     """Whether `tokenizers` alone loads this tokenizer exactly as transformers does (cached)."""
-    from builder.templates import special_tokens
-
     if not (base_dir / "tokenizer.json").is_file():
         return False
     verdict_file = cache_dir / "tokenizers" / f"{_digest(base_dir)}.json"
-    if verdict_file.is_file():
-        return json.loads(verdict_file.read_text())["equal"]
+    verdict = read_json(verdict_file, default=None)  # none yet, or damaged: compare again
+    if isinstance(verdict, dict) and isinstance(verdict.get("equal"), bool):
+        return verdict["equal"]
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -80,8 +79,6 @@ def verify_fast_load(base_dir: Path, cache_dir: Path, hf=None) -> bool:
 
 def load_tokenizer(base_dir: Path, cache_dir: Path):
     """A FastTokenizer where proven equal to transformers' load, else transformers' tokenizer."""
-    from builder.templates import special_tokens
-
     if verify_fast_load(base_dir, cache_dir):
         from tokenizers import Tokenizer
 

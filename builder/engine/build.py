@@ -9,7 +9,6 @@ recipe turns off (export.merge: false) publishes a placeholder, so DVC finds the
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from builder.engine.plan import explain_changes, members, plan_stages
 from builder.engine.runner import is_built, read_manifest, recipe_lock, run_stage
 from builder.errors import TunefileError
+from builder.evaluate.summary import eval_metrics, read_metrics, write_eval_summary
 from builder.files import write_json
 from builder.recipe.project import Project
 from builder.recipe.schema import Recipe
@@ -133,11 +133,7 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
         elif group and (folder / "manifest.json").is_file():
             (folder / "manifest.json").unlink()
         if kind == "eval":
-            from builder.data.report import write_eval_png
-
-            metrics = eval_metrics(project, group, plan.get("preference"))
-            write_json(folder / "metrics.json", metrics)
-            write_eval_png(metrics, folder / "metrics.png")
+            write_eval_summary(folder, *_eval_folders(project, plan))
     elif not group:
         if read_manifest(folder) != _placeholder(recipe, kind):
             shutil.rmtree(folder, ignore_errors=True)
@@ -148,8 +144,10 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
 
 def _placeholder(recipe: Recipe, kind: str) -> dict:
     """The manifest of a kind's folder when the recipe builds no stage of that kind."""
-    where = "" if KINDS[kind].grouped else f" (see its {'preference' if kind in ('pairs', 'preference') else 'export'} section)"
-    return {"recipe": recipe.name, "stage": kind, "key": None, "not_built": f"{recipe.name} builds no {kind} stage{where}"}
+    section = "preference" if kind in ("pairs", "preference") else "export"
+    where = "" if KINDS[kind].grouped else f" (see its {section} section)"
+    return {"recipe": recipe.name, "stage": kind, "key": None,
+            "not_built": f"{recipe.name} builds no {kind} stage{where}"}
 
 
 def _link_generated(project: Project, recipe: Recipe, group: list[Stage]) -> None:
@@ -170,55 +168,11 @@ def _link_generated(project: Project, recipe: Recipe, group: list[Stage]) -> Non
                 link.symlink_to(target, target_is_directory=True)
 
 
-CHECK_DELTAS = ("stop_rate", "prompt_strict", "prompt_loose", "constraint_strict", "constraint_loose",
-                "answer_tokens_mean")
-
-
-def eval_metrics(project: Project, evals: list[Stage], preference: Stage | None = None) -> dict[str, dict]:
-    """Every eval's metrics by type; each tuned file's with `vs_base`: its numbers against the base
-    model's, measured on the same items by the same code. Perplexity as a ratio and a delta (< 1,
-    < 0: tuning helped); the instruction checks, the stop rate and every task metric as base and delta.
-    With preference tuning, each tuned file also gets `preference`: the held-out pairs' accuracy and
-    margin of the SFT model and of the model after DPO (what the preference stage measured)."""
-    metrics = {s.param: _read_metrics(project, s) for s in evals}
-    held_out = (_read_metrics(project, preference).get("held_out") or {}) if preference is not None else {}
-    base = metrics.get("base") or {}
-    out = {}
-    for name, m in metrics.items():
-        if name != "base" and base:
-            out[name] = {**m, "vs_base": _versus(m, base)}
-        else:
-            out[name] = m
-        if name != "base" and held_out:
-            out[name] = {**out[name], "preference": held_out}
-    return out
-
-
-def _versus(tuned: dict, base: dict) -> dict:
-    versus: dict = {}
-    if base.get("perplexity") and tuned.get("perplexity"):
-        versus.update({"perplexity_base": base["perplexity"],
-                       "perplexity_delta": round(tuned["perplexity"] - base["perplexity"], 4),
-                       "perplexity_ratio": round(tuned["perplexity"] / base["perplexity"], 4)})
-    checks, base_checks = tuned.get("checks") or {}, base.get("checks") or {}
-    for key in CHECK_DELTAS:
-        if isinstance(checks.get(key), (int, float)) and isinstance(base_checks.get(key), (int, float)):
-            versus[f"{key}_base"] = base_checks[key]
-            versus[f"{key}_delta"] = round(checks[key] - base_checks[key], 4)
-    tasks = {}
-    for task, scores in (tuned.get("tasks") or {}).items():
-        before = (base.get("tasks") or {}).get(task) or {}
-        tasks[task] = {f"{k}_delta": round(v - before[k], 6) for k, v in scores.items()
-                       if k != "samples" and isinstance(before.get(k), (int, float))}
-        tasks[task].update({f"{k}_base": before[k] for k in scores if k != "samples" and k in before})
-    if tasks:
-        versus["tasks"] = tasks
-    return versus
-
-
-def _read_metrics(project: Project, stage: Stage) -> dict:
-    path = project.stage_dir(stage.recipe, stage.name) / "metrics.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _eval_folders(project: Project, plan: dict[str, Stage]) -> tuple[dict[str, Path], Path | None]:
+    """(each eval stage's folder by type, the preference stage's folder or None): what the eval summary reads."""
+    evals = {s.param: project.stage_dir(s.recipe, s.name) for s in members(list(plan.values()), "eval")}
+    preference = plan.get("preference")
+    return evals, project.stage_dir(preference.recipe, preference.name) if preference is not None else None
 
 
 def quant_report(project: Project, recipe_name: str) -> tuple[dict, dict[str, dict]]:
@@ -228,5 +182,6 @@ def quant_report(project: Project, recipe_name: str) -> tuple[dict, dict[str, di
     stale = [s.name for s in [plan["train"], *evals] if not is_built(project, s)]
     if stale:
         raise TunefileError(f"{', '.join(stale)} not built or stale; run `dvc repro` or `tunefile build {recipe_name}`")
-    metrics = eval_metrics(project, evals, plan.get("preference"))
-    return _read_metrics(project, plan["train"]), {"base" if t == "base" else f"model-{t}.gguf": m for t, m in metrics.items()}
+    metrics = eval_metrics(*_eval_folders(project, plan))
+    train = read_metrics(project.stage_dir(recipe.name, "train"))
+    return train, {"base" if t == "base" else f"model-{t}.gguf": m for t, m in metrics.items()}

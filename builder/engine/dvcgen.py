@@ -57,7 +57,8 @@ def watched_paths(project: Project, plans: dict[str, list[Stage]], digested: set
             if glob.has_magic(path) and not is_hub(path):
                 fixed = [part for part in Path(path).parent.parts if not glob.has_magic(part)]
                 folders.add(root.joinpath(*fixed).resolve())
-    files = {Path(p) for p in digested} | {root / "params.yaml", root / "constraints.txt", PACKAGE / "stages" / "__init__.py"}
+    files = {Path(p) for p in digested} | {root / "params.yaml", root / "constraints.txt",
+                                           PACKAGE / "stages" / "__init__.py"}
     files = {f for f in files if f.is_file() and not any(_inside(f, d) for d in folders)}
     paths = {p.relative_to(root).as_posix() for p in files | folders if _inside(p, root) and p.exists()}
     return sorted(paths)
@@ -85,16 +86,19 @@ def render_dvc_yaml(project: Project, recipes: list[str], watched: list[str]) ->
                 "outs": [{out: {"persist": True}} if KINDS[kind].grouped else out]}
         build = project.build_dir(recipe)
         metrics += [_rel(project, build / "dataset" / "stats.json"), _rel(project, build / "train" / "metrics.json"),
-                    _rel(project, build / "preference" / "metrics.json"), _rel(project, build / "eval" / "metrics.json")]
+                    _rel(project, build / "preference" / "metrics.json"),
+                    _rel(project, build / "eval" / "metrics.json")]
         loss_csv = _rel(project, build / "train" / "loss.csv")
+        steps_csv = _rel(project, build / "preference" / "steps.csv")
+        pairs_csv = _rel(project, build / "preference" / "eval.csv")
         plots += [_rel(project, build / "dataset" / "mixture.png"),  # image plots: `dvc plots show`
                   _rel(project, build / "eval" / "metrics.png"),
                   {loss_csv: {"x": "step", "y": "loss"}},
                   {f"{recipe}-learning-rate": {"x": "step", "y": {loss_csv: "lr"}}},
                   {_rel(project, build / "train" / "eval.csv"): {"x": "step", "y": "eval_loss"}},
                   # preference tuning (a recipe without it writes no such file): per step, and on held-out pairs
-                  {f"{recipe}-preference": {"x": "step", "y": {_rel(project, build / "preference" / "steps.csv"): list(DPO_PLOTS)}}},
-                  {f"{recipe}-preference-eval": {"x": "step", "y": {_rel(project, build / "preference" / "eval.csv"): list(DPO_PLOTS)}}}]
+                  {f"{recipe}-preference": {"x": "step", "y": {steps_csv: list(DPO_PLOTS)}}},
+                  {f"{recipe}-preference-eval": {"x": "step", "y": {pairs_csv: list(DPO_PLOTS)}}}]
     document = {"stages": dvc_stages, "metrics": metrics, "plots": plots}
     return HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=1000)
 

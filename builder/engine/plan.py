@@ -11,6 +11,7 @@ import glob
 import json
 from pathlib import Path
 
+from builder.evaluate.lmeval import task_files
 from builder.hashing import StatCache, canonical_json, hash_value
 from builder.models import BUILTIN_MODELS, CORPUS, model_files
 from builder.recipe.project import Project, project_path
@@ -51,8 +52,6 @@ def _evaluation_identity(recipe: Recipe, root: Path, stat: StatCache) -> dict:
     a recipe without `evaluate`, so its keys stay as they were."""
     if recipe.evaluate is None:
         return {}
-    from builder.evaluate.lmeval import task_files
-
     spec = recipe.evaluate
     files = [root / spec.prompts] if spec.prompts else []
     files += task_files(list(spec.tasks), root)
@@ -94,7 +93,8 @@ def _preference_stages(recipe: Recipe, root: Path, stat: StatCache, base: Stage,
     their files, the template and tokenizer, max_length and the held-out split); `preference`
     trains on them over the SFT model. Editing beta or lr reruns preference alone, not pairs."""
     section = recipe.slice("preference")["preference"]
-    files = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {} for s in recipe.preference.sources}
+    files = {s.name: _files_of(s.path, root, stat) if s.path and not s.is_hub else {}
+             for s in recipe.preference.sources}
     split = ("sources", "max_length", "eval_fraction", "eval_size")
     pairs = _stage(recipe, "pairs", [base], {"preference": {k: section[k] for k in split},
                                              **recipe.slice("template", "system_prompt"), **eot},
@@ -133,7 +133,8 @@ def plan_stages(recipe: Recipe, project: Project, stat: StatCache | None = None)
     # no_end_of_turn joins the key only off its default, so keys built before the key existed stay.
     eot = recipe.slice("no_end_of_turn") if recipe.no_end_of_turn != "append_eos" else {}
     dataset = _stage(recipe, "dataset", [*generated, base],
-                     {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"), **eot,
+                     {**recipe.slice("template", "system_prompt", "sources", "mixture", "filters", "decontaminate"),
+                      **eot,
                       "train": {k: recipe.train.model_dump(mode="json")[k] for k in ("train_on", "max_length")}},
                      {"files": sources, "template": template,
                       **({"benchmarks": benchmarks} if benchmarks else {})})

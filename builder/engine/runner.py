@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import glob
 import importlib
-import json
 import os
 import platform
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 from builder import __version__
 from builder.engine.launch import LAUNCHED_ENV, run_launched, wants_launch
 from builder.errors import StageError
-from builder.files import write_json
+from builder.files import read_json, write_json
 from builder.recipe.project import Project
 from builder.recipe.schema import Recipe
 from builder.stages import KINDS, Stage, StageContext
@@ -35,10 +34,8 @@ _HELD_LOCKS: dict[str, int] = {}  # lock path -> depth, so a build can run stage
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
-    try:
-        return json.loads((stage_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    """The stage folder's manifest; None when it has none (not built) or one that does not parse."""
+    return read_json(stage_dir / MANIFEST, default=None)
 
 
 def is_built(project: Project, stage: Stage) -> bool:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import DataError
+from builder.files import read_jsonl
 
 _WORD = re.compile(r"\b\w+\b", re.UNICODE)
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
@@ -86,20 +87,11 @@ class Prompt:
 
 
 def read_prompts(path: Path, shown: str) -> list[Prompt]:
-    """The prompts file, every line checked: a clear message names the line and what is wrong."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"evaluate.prompts: cannot read {shown}: {exc.strerror}") from None
+    """The prompts file, every line checked: a DataError `SHOWN:LINE: what was wrong` names the
+    first bad line (`shown` is the path as the recipe writes it)."""
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"evaluate.prompts {shown} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, row in read_jsonl(path, shown):
+        where = f"{shown}:{number}"
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DataError(f"{where}: needs a non-empty string `prompt`")
         constraints = row.get("constraints", [])
@@ -109,7 +101,7 @@ def read_prompts(path: Path, shown: str) -> list[Prompt]:
             _check_constraint(c, where)
         prompts.append(Prompt(row["prompt"], tuple(constraints)))
     if not prompts:
-        raise DataError(f"evaluate.prompts {shown} holds no prompt")
+        raise DataError(f"{shown}: holds no prompt (evaluate.prompts needs at least one)")
     return prompts
 
 
@@ -173,9 +165,10 @@ def score(prompts: list[Prompt], answers: list[tuple[str, bool]]) -> dict:
     return {
         "prompts": len(prompts),
         "prompt_strict": rate([s for s, _ in whole]),
-        "prompt_loose": rate([l for _, l in whole]),
+        "prompt_loose": rate([loose for _, loose in whole]),
         "constraint_strict": rate([s for s, _ in every]),
-        "constraint_loose": rate([l for _, l in every]),
-        "per_check": {name: {"n": len(vs), "strict": rate([s for s, _ in vs]), "loose": rate([l for _, l in vs])}
+        "constraint_loose": rate([loose for _, loose in every]),
+        "per_check": {name: {"n": len(vs), "strict": rate([s for s, _ in vs]),
+                             "loose": rate([loose for _, loose in vs])}
                       for name, vs in sorted(per_check.items())},
     }

@@ -4,6 +4,8 @@
                  evaluate: {judge: {openai: {base_url: "http://127.0.0.1:8000/v1", model: NAME, revision: R}}}
     params.yaml: endpoints: {api_key_env: OPENAI_API_KEY, concurrency: 4, timeout_s: 60, retries: 3}
 
+    metrics, cache_counts, records = judge_answers(recipe.evaluate.judge, project, answers, base_answers_jsonl)
+
 Each (prompt, tuned answer, base answer) is shown to the judge twice, tuned as A then as B, so a
 judge that prefers a position cancels out. A verdict is `[[A]]`, `[[B]]` or `[[C]]` (a tie); the
 tuned answer scores 1, 0.5 or 0 per order and a pair scores the mean of its two orders. The win
@@ -19,8 +21,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from builder.llm.served import map_concurrent
+from builder.errors import StageError
+from builder.files import read_jsonl
+from builder.hashing import hash_file
+from builder.llm.items import ItemCache
+from builder.llm.served import GgufModel, HttpModel, api_key, map_concurrent
 
 JUDGE_PROMPT = """Please act as an impartial judge and evaluate the quality of the responses provided by two AI \
 assistants to the user question displayed below. Choose the assistant that follows the user's instructions and \
@@ -80,8 +87,6 @@ class GgufJudge:
     """A judge GGUF run in process by llama-cpp-python (its own chat template), greedy."""
 
     def __init__(self, path):
-        from builder.llm.served import GgufModel
-
         self.model = GgufModel(path, "evaluate.judge")
 
     def ask(self, prompt: str) -> str:
@@ -95,10 +100,8 @@ class OpenAIJudge:
     """An OpenAI-compatible chat endpoint (builder/llm/served.py: timeouts, retries with backoff, a
     clear error within seconds when nothing listens), greedy."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, retries: int):
-        from builder.llm.served import HttpModel
-
-        self.model = HttpModel(base_url, model, api_key, timeout_s, retries, "evaluate.judge")
+    def __init__(self, base_url: str, model: str, key: str | None, timeout_s: float, retries: int):
+        self.model = HttpModel(base_url, model, key, timeout_s, retries, "evaluate.judge")
 
     def ask(self, prompt: str) -> str:
         return self.model.chat(prompt, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS, seed=0).text
@@ -110,8 +113,8 @@ class OpenAIJudge:
 def judge_pairs(judge, identity: str, pairs: list[Pair], cache, concurrency: int = 1) -> tuple[dict, list[dict]]:
     """Every pair judged in both orders (verdicts from the item cache where present): the judge
     metrics and one record per pair (prompts, raw replies, verdicts) for judge.jsonl."""
-    prompts = [(p, order, JUDGE_PROMPT.format(question=p.question, a=a, b=b))
-               for p in pairs for order, (a, b) in (("tuned_first", (p.tuned, p.base)), ("base_first", (p.base, p.tuned)))]
+    prompts = [(p, order, JUDGE_PROMPT.format(question=p.question, a=a, b=b)) for p in pairs
+               for order, (a, b) in (("tuned_first", (p.tuned, p.base)), ("base_first", (p.base, p.tuned)))]
 
     def reply(item: tuple) -> str:
         request = {"judge": identity, "prompt": item[2], "max_tokens": JUDGE_MAX_TOKENS}
@@ -136,3 +139,37 @@ def judge_pairs(judge, identity: str, pairs: list[Pair], cache, concurrency: int
                                     "reply": r, "verdict": verdict(r)} for j, r in enumerate((first, second))]})
     rate, interval = win_rate(scores)
     return {"judge": identity, "pairs": len(pairs), **counts, "win_rate": rate, "win_rate_ci95": interval}, records
+
+
+def open_judge(spec, project) -> tuple[object, str, int]:
+    """(judge, identity, concurrency) for recipe `evaluate.judge`: a GGUF file run in process, one
+    pair at a time, or a served model, params.yaml `endpoints.concurrency` at once."""
+    endpoints = project.params.endpoints
+    if spec.gguf:
+        path = project.root / spec.gguf
+        if not path.is_file():
+            raise StageError(f"evaluate.judge.gguf: {spec.gguf} is not a file")
+        return GgufJudge(path), f"gguf:{hash_file(path)}", 1
+    key = api_key(project, "evaluate.judge")
+    served = spec.openai
+    identity = f"openai:{served.model}" + (f"@{served.revision}" if served.revision else "")
+    judge = OpenAIJudge(served.base_url, served.model, key, endpoints.timeout_s, endpoints.retries)
+    return judge, identity, endpoints.concurrency
+
+
+def judge_answers(spec, project, records: list[dict], base_answers: Path) -> tuple[dict, dict, list[dict]]:
+    """The pairwise judge of a file's answers (`records`) against the base model's (`base_answers`,
+    eval@base's answers.jsonl; none when it is missing): the metrics, the verdict cache's counts,
+    and a record per pair with every judge prompt and raw reply (judge.jsonl). Verdicts are cached
+    by judge and judge prompt (the question and both answers), whichever file gave the answers."""
+    base_records = [record for _, record in read_jsonl(base_answers)] if base_answers.is_file() else []
+    pairs = [Pair(t["prompt"], t["text"], b["text"]) for t, b in zip(records, base_records)
+             if t["prompt"] == b["prompt"]]
+    judge, identity, concurrency = open_judge(spec, project)
+    cache = ItemCache(project.cache_dir / "eval-items.sqlite", identity)
+    try:
+        metrics, judged = judge_pairs(judge, identity, pairs, cache, concurrency)
+    finally:
+        judge.close()
+        cache.close()
+    return metrics, {"hits": cache.hits, "computed": cache.misses}, judged

@@ -4,12 +4,12 @@
 
 `evaluate.tasks` holds registry task names (`hellaswag`, or `hellaswag@REVISION` to read its
 dataset at a pinned Hub revision) or paths to local task YAML files (`data/tasks/demo_mc.yaml`);
-a local task runs with its folder as lm-eval's include path. The
-adapter scores what users ship (the GGUF file, for every quant type), tokenizing as lm-eval's `hf`
-backend does: BOS where the model's tokenizer adds one, special tokens parsed in text, an empty
-context conditioned on BOS (else EOS). Every request's result is kept in an item cache keyed by
-the model's key and the request, so adding a task or a quant type computes only the new items, and
-a killed eval resumes where it stopped.
+a local task runs with its folder as lm-eval's include path. The adapter scores what users ship
+(the GGUF file, for every quant type), tokenizing as lm-eval's `hf` backend does: BOS where the
+model's tokenizer adds one, special tokens parsed in text, an empty context conditioned on BOS
+(else EOS). Every request's result is kept in the item cache (builder/llm/items.py) keyed by the
+model's key and the request, so adding a task or a quant type computes only the new items, and a
+killed eval resumes where it stopped. Scoring and chat prompts are builder/llm/llama.py's.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import contextlib
 import math
 import os
 import re
+import sys
 from pathlib import Path
+from unittest import mock
 
 from builder.errors import StageError
 from builder.llm.items import ItemCache
@@ -226,11 +228,10 @@ def _in_folder(folder: Path):
 @contextlib.contextmanager
 def _offline():
     """Hugging Face libraries offline for the block (env for later imports, flags for loaded ones)."""
-    import sys
-    from unittest import mock
 
     flags = [(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE"),
-             (sys.modules.get("datasets.config"), "HF_HUB_OFFLINE"), (sys.modules.get("datasets.config"), "HF_DATASETS_OFFLINE")]
+             (sys.modules.get("datasets.config"), "HF_HUB_OFFLINE"),
+             (sys.modules.get("datasets.config"), "HF_DATASETS_OFFLINE")]
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
         for module, name in flags:
@@ -285,7 +286,8 @@ def _evaluate(spec, llm, cache: ItemCache, found: dict) -> dict:
         try:
             results = evaluator.simple_evaluate(
                 model=model, tasks=names, num_fewshot=spec.num_fewshot, limit=spec.limit, task_manager=manager,
-                apply_chat_template=spec.chat_template, fewshot_as_multiturn=spec.chat_template and bool(spec.num_fewshot),
+                apply_chat_template=spec.chat_template,
+                fewshot_as_multiturn=spec.chat_template and bool(spec.num_fewshot),
                 log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=None,
                 fewshot_random_seed=0)
         except (ConnectionError, OSError) as exc:

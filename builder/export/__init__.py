@@ -1,1 +1,1 @@
-"""Helpers the export stages run in a subprocess (llama.cpp's converter) or share."""
+"""Export: HF -> GGUF conversion, quantization, the Ollama Modelfile, the model card, `tunefile doctor`."""

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from builder.errors import TunefileError
+from builder.export.quantize import quantize_file
 
 SIZE = 256          # hidden and intermediate size: K-quants need multiples of 256
 VOCAB_WORDS = ("hello", "world", "the", "a", "is", "rain", "sun")
@@ -123,8 +124,6 @@ def native_stderr_to(path: Path):
 
 def run_doctor(out=None) -> None:
     """Print one line per check; raise TunefileError naming what failed and how to rebuild."""
-    from builder.stages.quantize import quantize_file
-
     print(f"llama.cpp: {system_info()}", file=out)
     failures = []
     with tempfile.TemporaryDirectory(prefix="tunefile-doctor-") as tmp:

@@ -5,34 +5,28 @@ same inputs gives the same card.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import yaml
 
 from builder import __version__
+from builder.files import read_json
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+LINEAGE_STAGES = ("base", "dataset", "pairs", "train", "preference", "merge", "gguf")
 
 
 def _preference_lines(recipe, stage_dir) -> list[str]:
     """The preference stage's held-out numbers (nothing for a recipe without one: same card bytes)."""
     if recipe.preference is None:
         return []
-    held = _read_json(stage_dir("preference") / "metrics.json").get("held_out") or {}
-    return ["", f"Preference tuning ({recipe.preference.method}): held-out preference accuracy {held.get('accuracy_sft')} "
-                f"(SFT) -> {held.get('accuracy')} over {held.get('pairs')} pairs."]
+    held = read_json(stage_dir("preference") / "metrics.json", default={}).get("held_out") or {}
+    return ["", f"Preference tuning ({recipe.preference.method}): held-out preference accuracy "
+                f"{held.get('accuracy_sft')} (SFT) -> {held.get('accuracy')} over {held.get('pairs')} pairs."]
 
 
-def render_model_card(recipe, plan: dict, stage_dir, gguf_file: str) -> str:
-    """Markdown for the GGUF folder; `stage_dir(name)` gives an upstream stage's folder."""
-    stats = _read_json(stage_dir("dataset") / "stats.json")
-    metrics = _read_json(stage_dir("train") / "metrics.json")
+def render_model_card(recipe, keys: dict[str, str], stage_dir, gguf_file: str) -> str:
+    """Markdown for the GGUF folder; `keys` maps stage names to keys, `stage_dir(name)` gives an
+    upstream stage's folder."""
+    stats = read_json(stage_dir("dataset") / "stats.json", default={})
+    metrics = read_json(stage_dir("train") / "metrics.json", default={})
     rows = [f"| {name} | {s.get('sampled', 0)} | {s.get('trained_tokens', 0)} | {sum(s.get('rejected', {}).values())} |"
             for name, s in sorted(stats.get("sources", {}).items())]
     settings = yaml.safe_dump({"train": recipe.slice("train")["train"], "mixture": recipe.slice("mixture")["mixture"]},
@@ -49,8 +43,7 @@ def render_model_card(recipe, plan: dict, stage_dir, gguf_file: str) -> str:
         "",
         "| stage | key |",
         "|---|---|",
-        *[f"| {name} | `{plan[name].key}` |" for name in ("base", "dataset", "pairs", "train", "preference", "merge", "gguf")
-          if name in plan],
+        *[f"| {name} | `{keys[name]}` |" for name in LINEAGE_STAGES if name in keys],
         "",
         "## Data",
         "",

@@ -89,7 +89,8 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
     "llama-2": """{{- $first := true }}
 {{- range $i, $_ := .Messages }}
 %(last)s
-{{- if eq .Role "user" }}{{ if not $first }}{BOS_EVERY}{{ else }}{BOS}{{ end }}[INST] {{ if and $first $.System }}<<SYS>>
+{{- if eq .Role "user" }}{{ if not $first }}{BOS_EVERY}{{ else }}{BOS}{{ end }}"""
+    """[INST] {{ if and $first $.System }}<<SYS>>
 {{ $.System }}
 <</SYS>>
 
@@ -97,14 +98,17 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
 {{- else if eq .Role "assistant" }} {{ .Content }}{{ if not $last }} {EOS}{{ end }}
 {{- end }}
 {{- end }}""",
-    "vicuna": """{{ if .System }}{{ .System }}{{ else }}A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.{{ end }}{{ " " }}
+    "vicuna": """{{ if .System }}{{ .System }}{{ else }}A chat between a curious user and an artificial """
+    """intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's """
+    """questions.{{ end }}{{ " " }}
 {{- range $i, $_ := .Messages }}
 %(last)s
 {{- if eq .Role "user" }}USER: {{ .Content }} {{ if $last }}ASSISTANT:{{ end }}
 {{- else if eq .Role "assistant" }}ASSISTANT: {{ .Content }}{{ if not $last }}{EOS}{{ end }}
 {{- end }}
 {{- end }}""",
-    "alpaca": """{{ if .System }}{{ .System }}{{ else }}Below is an instruction that describes a task. Write a response that appropriately completes the request.{{ end }}
+    "alpaca": """{{ if .System }}{{ .System }}{{ else }}Below is an instruction that describes a task. """
+    """Write a response that appropriately completes the request.{{ end }}
 {{- range $i, $_ := .Messages }}
 %(last)s
 {{- if eq .Role "user" }}

@@ -23,7 +23,10 @@ import random
 import re
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from builder.errors import DataError
+from builder.files import read_jsonl
 from builder.generate.rouge import NoveltyIndex, rouge_tokens
 from builder.hashing import hash_value
 
@@ -158,7 +161,8 @@ def parse_instructions(text: str, truncated: bool) -> list[Candidate]:
         piece = re.split(r"^[ \t]*#{3,}", piece, maxsplit=1, flags=re.MULTILINE)[0]
         field = _FIELD_MARK.search(piece)
         head = piece[:field.start()] if field else piece
-        tasks.append((normalize(head.split("\n\n")[0]), tuple(parse_instances(piece[field.start():], False)) if field else ()))
+        given = tuple(parse_instances(piece[field.start():], False)) if field else ()
+        tasks.append((normalize(head.split("\n\n")[0]), given))
     if not tasks[0][0] and not tasks[0][1]:  # nothing before the first mark: the reply began with a mark
         tasks.pop(0)
     return [Candidate(t, instances, truncated and k == len(tasks) - 1) for k, (t, instances) in enumerate(tasks)]
@@ -239,7 +243,8 @@ def classification_answer(reply: str) -> bool | None:
 
 def instruction_prompt(spec, seeds: list[SeedTask], pool: list[str], rng: random.Random) -> str:
     generated = rng.sample(pool, min(spec.prompt_generated, len(pool)))
-    shown = generated + [s.instruction for s in rng.sample(seeds, min(len(seeds), spec.prompt_instructions - len(generated)))]
+    sampled = rng.sample(seeds, min(len(seeds), spec.prompt_instructions - len(generated)))
+    shown = generated + [s.instruction for s in sampled]
     rng.shuffle(shown)
     tasks = "\n".join(f"Task {k}: {normalize(t)}" for k, t in enumerate(shown, start=1))
     return INSTRUCTION_PROMPT.format(tasks=tasks, next=len(shown) + 1)
@@ -251,8 +256,8 @@ def classify_prompt(seeds: list[SeedTask], instruction: str, rng: random.Random)
     half = CLASSIFY_EXAMPLES // 2
     shown = rng.sample(yes, min(half, len(yes))) + rng.sample(no, min(CLASSIFY_EXAMPLES - min(half, len(yes)), len(no)))
     rng.shuffle(shown)
-    examples = "".join(f"Task: {normalize(s.instruction)}\nIs it classification? {'Yes' if s.is_classification else 'No'}\n\n"
-                       for s in shown)
+    examples = "".join(f"Task: {normalize(s.instruction)}\n"
+                       f"Is it classification? {'Yes' if s.is_classification else 'No'}\n\n" for s in shown)
     return CLASSIFY_PROMPT.format(examples=examples, instruction=instruction)
 
 
@@ -285,7 +290,8 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:
     result = Result()
     while len(result.tasks) < spec.count and result.requests["instruction"] < spec.request_cap:
         n = min(spec.requests_per_round, spec.request_cap - result.requests["instruction"])
-        requests = [Request("instruction", instruction_prompt(spec, seeds, pool, random.Random(f"{spec.seed}:{result.rounds}:{i}")),
+        requests = [Request("instruction",
+                            instruction_prompt(spec, seeds, pool, random.Random(f"{spec.seed}:{result.rounds}:{i}")),
                             request_seed(spec.seed, "instruction", result.rounds, i)) for i in range(n)]
         fresh = []
         for i, reply in enumerate(ask(requests)):
@@ -314,7 +320,8 @@ def self_instruct(spec, seeds: list[SeedTask], ask, progress=None) -> Result:
         result.rounds += 1
         if progress is not None:
             progress(min(len(result.tasks), spec.count))
-    result.comparisons = pool_filter.index.comparisons + (keep_filter.index.comparisons if keep_filter is not pool_filter else 0)
+    result.comparisons = pool_filter.index.comparisons + (
+        keep_filter.index.comparisons if keep_filter is not pool_filter else 0)
     return result
 
 
@@ -323,8 +330,8 @@ def _add_instances(seeds: list[SeedTask], seed: int, fresh: list[tuple[dict, tup
     classification) unless the teacher wrote them with the task; tasks with a usable instance are
     kept, in the order their instructions were."""
     rngs = [random.Random(f"{seed}:{w['instruction']}") for w, _ in fresh]  # prompts depend on the instruction only
-    classify = [Request("classify", classify_prompt(seeds, w["instruction"], rng), request_seed(seed, "classify", w["instruction"]))
-                for (w, _), rng in zip(fresh, rngs)]
+    classify = [Request("classify", classify_prompt(seeds, w["instruction"], rng),
+                        request_seed(seed, "classify", w["instruction"])) for (w, _), rng in zip(fresh, rngs)]
     answers = [classification_answer(r["text"]) for r in ask(classify)]
     labels = [bool(a) for a in answers]
     result.unclear += answers.count(None)
@@ -342,25 +349,19 @@ def _add_instances(seeds: list[SeedTask], seed: int, fresh: list[tuple[dict, tup
             pairs = parse_instances(reply["text"], label, truncated=reply["finish_reason"] == "length")
         instances, dropped = check_instances(where["instruction"], pairs)
         if instances:
-            result.tasks.append({"instruction": where["instruction"], "instances": instances, "is_classification": label})
+            result.tasks.append({"instruction": where["instruction"], "instances": instances,
+                                 "is_classification": label})
         else:
             why = "; ".join(sorted(set(dropped))) or "the reply has no " + ("'Class label:' then 'Input:'" if label
                                                                              else "'Output:' (nor any text)")
             result.rejects.append({**where, "reason": "no_instances", "detail": why})
 
 
-def read_seed_tasks(path) -> list[SeedTask]:
-    """Seed tasks from a Self-Instruct .jsonl; a bad line raises DataError with its number."""
-    import json
-
-    from builder.errors import DataError
-
+def read_seed_tasks(path: Path) -> list[SeedTask]:
+    """Seed tasks from a Self-Instruct .jsonl; a bad line raises DataError `FILE:LINE: ...`."""
     seeds = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path):
         try:
-            row = json.loads(line)
             instruction = row["instruction"]
             instances = tuple((str(i.get("input") or ""), str(i["output"])) for i in row.get("instances") or ())
             if not isinstance(instruction, str) or not instruction.strip():

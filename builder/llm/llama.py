@@ -87,7 +87,8 @@ class BatchScorer:
                 tokens, first = requests[k]
                 rows = log_softmax_rows(logits[start + first - 1:start + len(tokens) - 1])
                 targets = np.asarray(tokens[first:])
-                results[k] = (float(rows[np.arange(len(targets)), targets].sum()), bool((rows.argmax(axis=1) == targets).all()))
+                greedy = bool((rows.argmax(axis=1) == targets).all())
+                results[k] = (float(rows[np.arange(len(targets)), targets].sum()), greedy)
                 start += len(tokens) - 1
         return results
 
@@ -108,14 +109,16 @@ class BatchGenerator(BatchScorer):
         order = list(range(len(prompts)))
         while order:
             group, used = [], 0
-            while order and len(group) < self.MAX_SEQUENCES and used + len(prompts[order[0]]) + max_tokens <= self.capacity:
+            while (order and len(group) < self.MAX_SEQUENCES
+                   and used + len(prompts[order[0]]) + max_tokens <= self.capacity):
                 used += len(prompts[order[0]]) + max_tokens
                 group.append(order.pop(0))
             if not group:  # one prompt longer than the context: generate nothing, as llama.cpp would refuse
                 k = order.pop(0)
                 results[k] = {"text": "", "tokens": 0, "stopped": False}
                 continue
-            for k, result in zip(group, self._group([prompts[k] for k in group], [stops[k] for k in group], max_tokens)):
+            made = self._group([prompts[k] for k in group], [stops[k] for k in group], max_tokens)
+            for k, result in zip(group, made):
                 results[k] = result
         return results
 

@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from builder.errors import StageError
+from builder.hashing import StatCache
+from builder.versions import library_version
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,10 @@ class HttpModel:
     """An OpenAI-compatible endpoint; `what` names the recipe key in every message."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float, retries: int, what: str):
-        self.base_url, self.model, self.timeout, self.retries, self.what = base_url.rstrip("/"), model, timeout_s, retries, what
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self.base_url, self.model, self.what = base_url.rstrip("/"), model, what
+        self.timeout, self.retries = timeout_s, retries
+        self.headers = {"Content-Type": "application/json",
+                        **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self.chat_api: bool | None = None  # known after the first answer: chat, or completions after a 404
         self.first = threading.Lock()  # the first request goes alone, so a server without chat gets one 404
 
@@ -68,14 +72,14 @@ class HttpModel:
                 reply = self._post("/chat/completions", {"messages": [{"role": "user", "content": prompt}]}, sampling)
                 self.chat_api = True
                 return reply
-            except _NoEndpoint:
+            except _NoEndpointError:
                 if self.chat_api:
                     raise StageError(f"{self.what}: {self.base_url}/chat/completions answered 404 after answering "
                                      "before; is the server still serving the model?") from None
                 self.chat_api = False
         try:
             return self._post("/completions", {"prompt": prompt}, sampling)
-        except _NoEndpoint:
+        except _NoEndpointError:
             raise StageError(f"{self.what}: {self.base_url} has neither /chat/completions nor /completions "
                              "(404); is base_url the server's /v1?") from None
 
@@ -89,19 +93,21 @@ class HttpModel:
                     return _reply(json.loads(response.read()), chat="messages" in payload)
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:
-                    raise _NoEndpoint from None
+                    raise _NoEndpointError from None
                 if exc.code in (401, 403):
-                    hint = ("check the API key in the variable params.yaml endpoints.api_key_env names" if "Authorization"
-                            in self.headers else "no API key was sent: set params.yaml endpoints.api_key_env to the "
-                            "name of the environment variable that holds it")
+                    hint = ("check the API key in the variable params.yaml endpoints.api_key_env names"
+                            if "Authorization" in self.headers else "no API key was sent: set params.yaml "
+                            "endpoints.api_key_env to the name of the environment variable that holds it")
                     raise StageError(f"{self.what}: {url} refused the request ({exc.code}); {hint}") from None
                 if exc.code < 500 and exc.code != 429 or attempt == self.retries:
                     said = _body(exc)
                     raise StageError(f"{self.what}: {url} answered {exc.code} {exc.reason}"
-                                     + (f" after {attempt + 1} tries" if attempt else "") + (f": {said}" if said else "")) from None
+                                     + (f" after {attempt + 1} tries" if attempt else "")
+                                     + (f": {said}" if said else "")) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
-                if isinstance(exc, TimeoutError) and attempt == self.retries:  # a read timeout (a connect one is a URLError)
+                # A read timeout (a connect one is a URLError).
+                if isinstance(exc, TimeoutError) and attempt == self.retries:
                     raise StageError(f"{self.what}: {url} accepted the connection but sent no answer within "
                                      f"{self.timeout:g} s, {attempt + 1} times; is the server overloaded? (params.yaml "
                                      "endpoints.timeout_s and retries)") from None
@@ -127,7 +133,7 @@ def _body(exc: urllib.error.HTTPError) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-class _NoEndpoint(Exception):
+class _NoEndpointError(Exception):
     """The server answered 404 for this path."""
 
 
@@ -220,9 +226,6 @@ def api_key(project, what: str) -> str | None:
 def open_served(spec, project, what: str) -> tuple[object, str, int]:
     """(client, identity, concurrency) for a ServedModel: a GGUF file runs one request at a time;
     an endpoint takes params.yaml `endpoints.concurrency` at once."""
-    from builder.hashing import StatCache
-    from builder.versions import library_version
-
     if spec.gguf is not None:
         path = project.root / spec.gguf
         if not path.is_file():
@@ -233,5 +236,6 @@ def open_served(spec, project, what: str) -> tuple[object, str, int]:
         return GgufModel(path, what), identity, 1
     served, endpoints = spec.openai, project.params.endpoints
     identity = f"openai:{served.model}" + (f"@{served.revision}" if served.revision else "")
-    client = HttpModel(served.base_url, served.model, api_key(project, what), endpoints.timeout_s, endpoints.retries, what)
+    client = HttpModel(served.base_url, served.model, api_key(project, what), endpoints.timeout_s, endpoints.retries,
+                       what)
     return client, identity, endpoints.concurrency

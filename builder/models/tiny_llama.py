@@ -4,6 +4,7 @@ Run by the `base` stage; the same version, seed and corpus give the same files, 
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from builder.models import CORPUS, BuiltinModel
@@ -33,8 +34,6 @@ def train_tokenizer(spec: BuiltinModel, corpus: Path = CORPUS):
 
 def pretrain(model, tokenizer, spec: BuiltinModel, corpus: Path = CORPUS) -> list[float]:
     """Full training on random windows of the corpus; returns the loss curve."""
-    import random
-
     import torch
 
     settings = spec.pretrain

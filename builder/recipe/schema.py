@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builder.errors import RecipeError
+from builder.models import BUILTIN_MODELS
 from builder.recipe.quant import GGUF_DTYPES, QUANT_TYPES
 from builder.recipe.refs import HubRef, ModelRef, is_hub, parse_hub
 from builder.recipe.yamlfile import YamlDoc, load_yaml
@@ -35,8 +36,6 @@ class BaseSpec(Strict):
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
-        from builder.models import BUILTIN_MODELS
-
         ref = ModelRef.parse(value)
         if ref.builtin is not None and ref.builtin not in BUILTIN_MODELS:
             allowed = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
@@ -400,7 +399,8 @@ def format_errors(doc: YamlDoc, exc: ValidationError, model: type[BaseModel]) ->
     for err in errors:
         loc = tuple(err["loc"])
         # pydantic also calls a list whose item failed inside a nested section too short: say it once.
-        if err["type"] == "too_short" and any(tuple(e["loc"])[:len(loc)] == loc and len(e["loc"]) > len(loc) for e in errors):
+        if err["type"] == "too_short" and any(tuple(e["loc"])[:len(loc)] == loc and len(e["loc"]) > len(loc)
+                                              for e in errors):
             continue
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":

@@ -8,8 +8,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from builder.data.tokenizer import verify_fast_load
 from builder.errors import StageError
 from builder.models import BUILTIN_MODELS, MODEL_FILES, model_files
+from builder.models.tiny_llama import build_tiny_llama
 from builder.stages import StageContext
 
 
@@ -34,8 +36,6 @@ def run(ctx: StageContext) -> dict:
     model, ref = ctx.recipe.base.model, ctx.recipe.base.ref
     summary: dict = {}
     if ref.builtin is not None:
-        from builder.models.tiny_llama import build_tiny_llama
-
         summary = build_tiny_llama(BUILTIN_MODELS[ref.builtin], ctx.out_dir)
     elif ref.hub is not None:
         download_model(ref.hub.repo, ref.hub.revision, ctx.out_dir)
@@ -43,8 +43,6 @@ def run(ctx: StageContext) -> dict:
         copy_model_files(ctx.project.root / ref.folder, ctx.out_dir)
     if not (ctx.out_dir / "config.json").is_file():
         raise StageError(f"base model {model} has no config.json")
-    from builder.data.tokenizer import verify_fast_load
-
     # Settled here, where transformers is loaded anyway: the dataset stage can then skip importing it.
     summary["tokenizer_fast_load"] = verify_fast_load(ctx.out_dir, ctx.project.cache_dir)
     return {"model": model, **summary}

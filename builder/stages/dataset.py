@@ -14,8 +14,8 @@ stays flat however large the sources are.
 """
 from __future__ import annotations
 
-import json
 import random
+import resource
 import sys
 import time
 from collections import Counter
@@ -27,6 +27,7 @@ from builder.data.report import length_histogram, source_stats, write_mixture_pn
 from builder.data.shards import ChunkBuilder, SourceRows, check_reject_rate, shard_settings
 from builder.data.sources import Reject
 from builder.errors import DataError
+from builder.files import write_json, write_jsonl
 from builder.recipe.schema import Recipe
 from builder.stages import StageContext
 from builder.templates import TemplateError, read_template, special_tokens
@@ -137,9 +138,9 @@ def summarize(recipe: Recipe, sources: dict[str, SourceRows], kept: dict, reject
 
 
 def write_rejects(path, rejects: dict[str, list[Reject]]) -> None:
-    every = sorted((r for source in rejects.values() for r in source), key=lambda r: (r.source, r.file, r.row, r.reason))
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False) + "\n" for r in every)
+    every = sorted((r for source in rejects.values() for r in source),
+                   key=lambda r: (r.source, r.file, r.row, r.reason))
+    write_jsonl(path, (r.to_dict() for r in every))
 
 
 def run(ctx: StageContext) -> dict:
@@ -156,7 +157,7 @@ def run(ctx: StageContext) -> dict:
     held_out = [(name, i) for name in eval_rows for i in sorted(eval_rows[name])]
     summary = summarize(recipe, sources, kept, rejects, eval_rows, pools, picked, train, held_out)
     laps.append(("mix", time.perf_counter(), _peak_rss_mib()))
-    (ctx.out_dir / "stats.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
+    write_json(ctx.out_dir / "stats.json", summary)
     write_rows(ctx.out_dir / "train.parquet", train, sources)
     write_rows(ctx.out_dir / "eval.parquet", held_out, sources)
     write_rejects(ctx.out_dir / "rejects.jsonl", rejects)
@@ -173,8 +174,6 @@ def run(ctx: StageContext) -> dict:
 
 def _peak_rss_mib() -> int:
     """This process's peak resident memory so far (the workers' is their own)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 

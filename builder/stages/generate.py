@@ -15,7 +15,9 @@ import sys
 from collections import Counter
 
 from builder.files import write_json, write_jsonl
-from builder.llm.served import map_concurrent
+from builder.generate.selfinstruct import read_seed_tasks, self_instruct
+from builder.llm.items import ItemCache
+from builder.llm.served import map_concurrent, open_served
 from builder.recipe.project import project_path
 from builder.stages import StageContext
 
@@ -49,10 +51,6 @@ class CachedTeacher:
 def run(ctx: StageContext) -> dict:
     from tqdm import tqdm
 
-    from builder.evaluate.lmeval import ItemCache
-    from builder.generate.selfinstruct import read_seed_tasks, self_instruct
-    from builder.llm.served import open_served
-
     source = next(s for s in ctx.recipe.sources if s.name == ctx.stage.param)
     spec = source.generate
     seeds = read_seed_tasks(ctx.project.root / spec.seed_tasks)
@@ -69,7 +67,8 @@ def run(ctx: StageContext) -> dict:
     reasons = Counter(r["reason"] for r in result.rejects)
     stats = {"teacher": identity, "count": spec.count, "kept": len(result.tasks),
              "count_reached": len(result.tasks) >= spec.count, "seed_tasks": len(seeds),
-             "candidates": result.candidates, "surplus": result.surplus, "rounds": result.rounds, "rejects": dict(sorted(reasons.items())),
+             "candidates": result.candidates, "surplus": result.surplus, "rounds": result.rounds,
+             "rejects": dict(sorted(reasons.items())),
              "classification_tasks": sum(t["is_classification"] for t in result.tasks),
              "classification_unclear": result.unclear,
              "instances": sum(len(t["instances"]) for t in result.tasks),
@@ -80,10 +79,10 @@ def run(ctx: StageContext) -> dict:
     write_json(ctx.out_dir / "stats.json", stats)
     if not stats["count_reached"]:
         top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(4)) or "none"
+        folder = project_path(ctx.project.stage_dir(ctx.recipe.name, ctx.stage.name), ctx.project.root)
         print(f"warning: {ctx.recipe.name}/{ctx.stage.name}: kept {len(result.tasks)} of {spec.count} tasks after "
               f"{result.requests['instruction']} instruction requests (generate.max_requests {spec.request_cap}); "
-              f"rejects: {top}; see {project_path(ctx.project.stage_dir(ctx.recipe.name, ctx.stage.name), ctx.project.root)}"
-              "/rejects.jsonl", file=sys.stderr)
+              f"rejects: {top}; see {folder}/rejects.jsonl", file=sys.stderr)
     print(f"{ctx.recipe.name}/{ctx.stage.name}: kept {len(result.tasks)} tasks (count {spec.count}) of "
           f"{result.candidates} candidates; {cache.misses} requests sent to the teacher, {cache.hits} answered "
           "from the request cache")

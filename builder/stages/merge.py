@@ -9,32 +9,21 @@ into the dequantized base, never into 4-bit weights), then the model is saved in
 """
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
+from builder.files import read_json
 from builder.stages import StageContext
 from builder.templates import read_template
+from builder.train.adapters import load_sft_model
 
 
-def merge_dtype(asked: str, base_dir) -> str:
+def merge_dtype(asked: str, base_dir: Path) -> str:
+    """export.merge_dtype; auto: the dtype the base's config.json names (float32 if none or another)."""
     if asked != "auto":
         return asked
-    config = json.loads((base_dir / "config.json").read_text())
+    config = read_json(base_dir / "config.json")
     named = config.get("dtype") or config.get("torch_dtype") or "float32"
     return named if named in ("float32", "bfloat16", "float16") else "float32"
-
-
-def load_sft_model(base_dir, train_dir):
-    """The SFT model in fp32 on CPU: the train stage's adapter folded into the base, or the whole
-    model full fine-tuning saved."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if (train_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        return PeftModel.from_pretrained(model, train_dir).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(train_dir, dtype=torch.float32)
 
 
 def run(ctx: StageContext) -> dict:

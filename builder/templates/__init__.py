@@ -14,9 +14,9 @@ Only jinja2 is imported here, so validating and planning stay fast.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from builder.files import read_json
 from builder.templates.errors import TemplateError
 from builder.templates.sandbox import compile_template, has_generation_markers, render_template
 from builder.templates.spans import (
@@ -46,7 +46,7 @@ def saved_chat_template(model_dir: Path) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     config_file = model_dir / "tokenizer_config.json"
     if config_file.is_file():
-        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+        template = read_json(config_file).get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -62,7 +62,7 @@ def special_tokens(model_dir: Path) -> dict[str, str]:
         path = model_dir / name
         if not path.is_file():
             continue
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
         for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
             value = config.get(key)
             if isinstance(value, dict):

@@ -230,7 +230,8 @@ def _common_marker(a: str, b: str) -> str:
 
 
 def _is_break(text: str, n: int) -> bool:
-    return n == 0 or n == len(text) or text[n - 1].isspace() or text[n].isspace() or text[n - 1] in ">]" or text[n] in "<["
+    return (n == 0 or n == len(text) or text[n - 1].isspace() or text[n].isspace()
+            or text[n - 1] in ">]" or text[n] in "<[")
 
 
 def _text_after(skeleton: str, index: int) -> str | None:

@@ -11,6 +11,7 @@ tokenizer's offsets: a token is trained iff all its characters lie in one span.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from builder.templates.errors import TemplateError
@@ -195,8 +196,6 @@ def tokenize_batch(template_source: str, conversations: list[list[dict]], tokeni
     """tokenize_chats for the dataset path: the same ids and labels (and the same refusals, in
     the same order of checks), as flat arrays. Returns the batch and, per conversation, its row in
     the batch or its TemplateError."""
-    import itertools
-
     import numpy as np
 
     variables = {**template_tokens(tokenizer), **extra}

@@ -2,9 +2,11 @@
 
     batches = make_batches(examples, batch_size=8, packing=True, max_length=512, pad_id=0)
     padding_fraction(batches)     # share of the batch tensors' tokens that are padding
+    epochs = draw_epochs(examples, train_spec, pad_id, shuffle=True)   # every epoch's, from the seed
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from builder.templates.tokens import IGNORE_INDEX
@@ -85,3 +87,21 @@ def padding_fraction(batches: list[Batch]) -> float:
 def trained_tokens(batch: Batch) -> int:
     """Tokens that carry loss after the causal shift (what the mean loss divides by)."""
     return sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in batch.labels)
+
+
+def epoch_order(examples: list, rng: random.Random, shuffle: bool) -> list:
+    """One epoch's examples (or pairs): a seeded shuffle (mixture.order: shuffle), or the split's own
+    order (mixture.order: curriculum, simple to complex)."""
+    order = list(examples)
+    if shuffle:
+        rng.shuffle(order)
+    return order
+
+
+def draw_epochs(examples: list, spec, pad_id: int, shuffle: bool) -> list[list[Batch]]:
+    """Every epoch's batches (`spec`: the recipe's train section), drawn up front from the seed: the
+    schedule knows the exact number of steps, and a resumed run sees exactly the batches the
+    interrupted one would have."""
+    rng = random.Random(spec.seed)
+    return [make_batches(epoch_order(examples, rng, shuffle), spec.batch_size, spec.packing, spec.max_length, pad_id)
+            for _ in range(spec.epochs)]

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from builder.data.mixture import allocate_counts, hash_prefixes, is_eval_example, sample_examples
-from builder.data.sources import read_source
+from builder.data.sources import raw_chunks, read_source, to_conversations
 from builder.recipe.schema import SourceSpec
 
 
@@ -96,9 +96,6 @@ def test_eval_split_is_a_function_of_the_example():
 def test_jsonl_chunks_split_lines_as_the_file_reader_does(tmp_path):
     """A carriage return inside a line (JSON whitespace) is not a line break: chunked reading and
     plain reading give the same rows and row numbers."""
-    from builder.data.sources import raw_chunks, read_source, to_conversations
-    from builder.recipe.schema import SourceSpec
-
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"instruction": "Hi",\r "output": "Hello."}\n\n{"instruction": "Yo", "output": "Yes."}\n')
     spec = SourceSpec(name="a", path="a.jsonl", format="alpaca")
@@ -106,6 +103,22 @@ def test_jsonl_chunks_split_lines_as_the_file_reader_does(tmp_path):
     chunked = [to_conversations(spec, c.file, c.numbered()) for c in raw_chunks(spec, tmp_path, 2)]
     assert [(c.row, c.messages) for c in plain[0]] == [(c.row, c.messages) for got in chunked for c in got[0]]
     assert [c.row for c in plain[0]] == [1, 3] and not plain[1]
+
+
+def test_malformed_jsonl_rows_are_rejected_with_the_details_stored_rejects_hold(tmp_path):
+    """Chunks in the store and rejects.jsonl hold these details: a new wording would give a cached
+    chunk and a rebuilt one different bytes under the same key."""
+    (tmp_path / "a.jsonl").write_bytes(b'{not json\n{"instruction": "Hi", "output": "Hello."}\n'
+                                       b'{"instruction": "caf\xe9"}\n{"instruction": "Cut", \n')
+    spec = SourceSpec(name="a", path="a.jsonl", format="alpaca")
+    conversations, rejects, rows = read_source(spec, tmp_path)
+    assert [c.row for c in conversations] == [2] and rows == 4
+    assert [(r.row, r.reason, r.detail) for r in rejects] == [
+        (1, "bad_json", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        (3, "bad_encoding", "not UTF-8: byte 0xe9 at column 21"),
+        (4, "bad_json", "Expecting property name enclosed in double quotes: line 2 column 1 (char 24)")]
+    chunked = [r for c in raw_chunks(spec, tmp_path, 3) for r in to_conversations(spec, c.file, c.numbered())[1]]
+    assert chunked == rejects
 
 
 def test_vectorised_hash_prefixes_read_digests_as_is_eval_example_does():

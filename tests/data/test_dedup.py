@@ -15,6 +15,7 @@ from builder.data.dedup import (
     shingle_hashes,
     word_ngrams,
 )
+from builder.errors import DataError
 
 # 60 words of ordinary prose, no repeated 5-gram: 56 shingles.
 BASE = (
@@ -160,7 +161,8 @@ def test_ngram_index_catches_a_13_word_passage():
     index.add("too short to hold any thirteen word n-gram")
     assert len(index) == 8
     words = normalize_text(BENCH).split()
-    train = "Some preamble here. PLANET in our Solar System has the longest day -- measured in Earth hours, and later text"
+    train = ("Some preamble here. PLANET in our Solar System has the longest day -- measured in Earth hours, "
+             "and later text")
     assert index.first_overlap(train) == " ".join(words[2:15])
     assert index.first_overlap(train) == "planet in our solar system has the longest day measured in earth hours"
 
@@ -168,7 +170,8 @@ def test_ngram_index_catches_a_13_word_passage():
 def test_ngram_index_ignores_a_12_word_overlap_and_short_texts():
     index = NgramIndex(n=13)
     index.add(BENCH)
-    assert index.first_overlap("intro planet in our solar system has the longest day measured in earth unrelated words") is None
+    unrelated = "intro planet in our solar system has the longest day measured in earth unrelated words"
+    assert index.first_overlap(unrelated) is None
     short = NgramIndex(n=13)
     short.add("what is the capital of france")
     assert len(short) == 0
@@ -177,8 +180,8 @@ def test_ngram_index_ignores_a_12_word_overlap_and_short_texts():
 
 def test_read_benchmark_texts_txt_jsonl_json(tmp_path):
     txt = tmp_path / "bench.txt"
-    txt.write_text("first prompt\n\n   \n  second prompt  \r\nthird\n", encoding="utf-8")
-    assert read_benchmark_texts(txt) == ["first prompt", "second prompt", "third"]
+    txt.write_text("first prompt\n\n   \n  second prompt  \r\nthird\rfourth\n", encoding="utf-8")
+    assert read_benchmark_texts(txt) == ["first prompt", "second prompt", "third", "fourth"]  # universal newlines
 
     jsonl = tmp_path / "bench.jsonl"
     jsonl.write_text('{"q": "Q1", "a": ["A1", 3, null], "c": {"z": "Z", "b": "B"}}\n\n"plain"\n[1, "x", ""]\n')
@@ -193,16 +196,18 @@ def test_read_benchmark_texts_txt_jsonl_json(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("bench.jsonl", '{"q": "ok"}\n\n{"q": broken}\n', r"bench\.jsonl:3: invalid JSON"),
-    ("bench.json", '[\n  "ok",\n  oops\n]', r"bench\.json:3: invalid JSON"),
-    ("scalar.json", '"just a string"', r"scalar\.json: top level is str"),
-    ("bench.csv", "a,b\n", r"bench\.csv: unknown benchmark file suffix '\.csv'"),
+    ("bench.jsonl", b'{"q": "ok"}\n\n{"q": broken}\n', "bench.jsonl:3: not JSON: Expecting value at column 7"),
+    ("bench.json", b'[\n  "ok",\n  oops\n]', "bench.json:3: not JSON: Expecting value at column 3"),
+    ("bench.txt", b"fine\ncaf\xe9\n", "bench.txt:2: not UTF-8: byte 0xe9 at column 4"),
+    ("scalar.json", b'"just a string"', "scalar.json: top level is str; expected a list or an object of lists"),
+    ("bench.csv", b"a,b\n", "bench.csv: unknown benchmark file suffix '.csv'; expected .txt, .jsonl or .json"),
 ])
 def test_read_benchmark_texts_errors(tmp_path, name, content, message):
     path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message):
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
         read_benchmark_texts(path)
+    assert str(caught.value) == f"{tmp_path}/{message}"
 
 
 def test_bulk_exact_dedup_makes_the_per_row_decisions():

@@ -24,17 +24,22 @@ STATS = {
     "length_histogram": {"edges": [0, 32, 64, 128, 256, 512],
                          "counts": {"chats": [0, 50, 200, 200, 50], "tips": [100, 400, 700, 250, 50]}},
 }
-RULE = "------  ----  --------  ------------------------------------  -----  --------  ------  ----  -------  ----------  -------  -------  ---------  ------------"
+RULE = ("------  ----  --------  ------------------------------------  -----  --------"
+        "  ------  ----  -------  ----------  -------  -------  ---------  ------------")
 
 
 def test_table_has_a_row_per_source_in_recipe_order_a_total_and_every_reason():
     assert format_stats_table(STATS) == "\n".join([
-        "source  rows  rejected  top reasons                           dedup  filtered  usable  eval  sampled  % examples   tokens  trained  % trained  mean/max tok",
+        "source  rows  rejected  top reasons                           dedup  filtered"
+        "  usable  eval  sampled  % examples   tokens  trained  % trained  mean/max tok",
         RULE,
-        "tips     250        11  min_chars 4, duplicate 3, bad_json 2      4         5     236    12    1,500       75.0%  123,456   45,678      69.0%      82.3/411",
-        "chats     40         3  bad_json 2, duplicate 1                   1         0      37     2      500       25.0%   61,000   20,500      31.0%     122.0/390",
+        "tips     250        11  min_chars 4, duplicate 3, bad_json 2      4         5"
+        "     236    12    1,500       75.0%  123,456   45,678      69.0%      82.3/411",
+        "chats     40         3  bad_json 2, duplicate 1                   1         0"
+        "      37     2      500       25.0%   61,000   20,500      31.0%     122.0/390",
         RULE,
-        "total    290        14  bad_json 4, duplicate 4, min_chars 4      5         5     273    14    2,000      100.0%  184,456   66,178     100.0%      92.2/411",
+        "total    290        14  bad_json 4, duplicate 4, min_chars 4      5         5"
+        "     273    14    2,000      100.0%  184,456   66,178     100.0%      92.2/411",
         "",
         "rejects by reason:",
         "  tips: min_chars 4, duplicate 3, bad_json 2, near_duplicate 1, too_long 1",
@@ -87,12 +92,18 @@ def test_old_stats_without_the_new_keys_show_dashes():
                                  "sampled": 10, "tokens": 100, "trained_tokens": 100}},
            "train_examples": 40, "eval_examples": 14, "rejected": 2, "train_tokens": 1000, "trained_tokens": 400}
     assert format_stats_table(old) == "\n".join([
-        "source  rows  rejected  top reasons  dedup  filtered  usable  eval  sampled  % examples  tokens  trained  % trained  mean/max tok",
-        "------  ----  --------  -----------  -----  --------  ------  ----  -------  ----------  ------  -------  ---------  ------------",
-        "tips       -         2  bad_json 2       -         -     236    12       30       75.0%     900      300      75.0%             -",
-        "chats      -         0  -                -         -      37     2       10       25.0%     100      100      25.0%             -",
-        "------  ----  --------  -----------  -----  --------  ------  ----  -------  ----------  ------  -------  ---------  ------------",
-        "total      -         2  bad_json 2       -         -     273    14       40      100.0%   1,000      400     100.0%             -",
+        "source  rows  rejected  top reasons  dedup  filtered  usable  eval"
+        "  sampled  % examples  tokens  trained  % trained  mean/max tok",
+        "------  ----  --------  -----------  -----  --------  ------  ----"
+        "  -------  ----------  ------  -------  ---------  ------------",
+        "tips       -         2  bad_json 2       -         -     236    12"
+        "       30       75.0%     900      300      75.0%             -",
+        "chats      -         0  -                -         -      37     2"
+        "       10       25.0%     100      100      25.0%             -",
+        "------  ----  --------  -----------  -----  --------  ------  ----"
+        "  -------  ----------  ------  -------  ---------  ------------",
+        "total      -         2  bad_json 2       -         -     273    14"
+        "       40      100.0%   1,000      400     100.0%             -",
         "",
         "rejects by reason:",
         "  tips: bad_json 2",
@@ -145,20 +156,3 @@ def test_png_without_histogram_has_only_the_shares_panel(tmp_path):
     write_mixture_png(old, path)
     assert png_size(path.read_bytes()) == (800, 300)
     assert Path(path).read_bytes().endswith(b"IEND\xaeB`\x82")
-
-
-def test_eval_plot_has_a_panel_per_metric_every_type_has(tmp_path):
-    from PIL import Image
-
-    from builder.data.report import eval_panels, write_eval_png
-
-    metrics = {"base": {"perplexity": 800.0, "checks": {"stop_rate": 0.3}, "tasks": {"mc": {"acc": 0.25}}},
-               "f16": {"perplexity": 760.0, "checks": {"stop_rate": 0.6}, "tasks": {"mc": {"acc": 0.3}}},
-               "q8_0": {"perplexity": 761.0, "checks": {"stop_rate": 0.6}}}
-    panels = eval_panels(metrics)
-    assert [title for title, _ in panels] == ["perplexity (assistant tokens)", "stop rate"]  # q8_0 ran no task
-    assert panels[1][1] == {"base": 0.3, "f16": 0.6, "q8_0": 0.6}
-    write_eval_png(metrics, tmp_path / "a.png")
-    write_eval_png(metrics, tmp_path / "b.png")
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert Image.open(tmp_path / "a.png").size[1] == 2 * 300

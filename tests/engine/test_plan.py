@@ -133,8 +133,9 @@ def test_dvc_yaml_does_not_depend_on_what_a_recipe_builds(tmp_path, monkeypatch)
     assert main(["dvc"]) == 0
     first = yaml.safe_load((root / "dvc.yaml").read_text())
     assert list(first["stages"]) == ["resolve"] + [f"default-{k}" for k in KINDS]
-    assert first["stages"]["resolve"]["deps"] == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "data/demo_prompts.jsonl",
-                                                   "data/tasks/demo_mc.jsonl", "data/tasks/demo_mc.yaml", "params.yaml"]
+    assert first["stages"]["resolve"]["deps"] == [
+        "data/demo_alpaca.jsonl", "data/demo_chats.json", "data/demo_prompts.jsonl", "data/tasks/demo_mc.jsonl",
+        "data/tasks/demo_mc.yaml", "params.yaml"]
     assert "always_changed" not in first["stages"]["resolve"]
     assert first["stages"]["default-quantize"]["outs"] == [{"build/default/quantize": {"persist": True}}]
     edit(root, "quantize: [q8_0, q4_k_m]", "quantize: [q2_k]")
@@ -146,8 +147,8 @@ def test_dvc_yaml_does_not_depend_on_what_a_recipe_builds(tmp_path, monkeypatch)
     edit(root, "sources:\n", "sources:\n  - {name: more, path: more/*.jsonl, format: alpaca}\n")
     assert main(["resolve"]) == 0  # a recipe reads a new folder: resolve watches it from now on
     deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["resolve"]["deps"]
-    assert deps == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "data/demo_prompts.jsonl", "data/tasks/demo_mc.jsonl",
-                    "data/tasks/demo_mc.yaml", "more", "params.yaml"]
+    assert deps == ["data/demo_alpaca.jsonl", "data/demo_chats.json", "data/demo_prompts.jsonl",
+                    "data/tasks/demo_mc.jsonl", "data/tasks/demo_mc.yaml", "more", "params.yaml"]
     assert main(["dvc", "--check"]) == 0
 
 

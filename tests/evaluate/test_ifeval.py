@@ -1,11 +1,12 @@
-"""The instruction-following checks (builder/evaluate/ifeval.py): each checker, strict and loose, and the prompts file."""
+"""The instruction-following checks (builder/evaluate/ifeval.py): each checker, strict and loose, and the
+prompts file."""
 import json
 
 import pytest
 from helpers import REPO
 
 from builder.errors import DataError
-from builder.evaluate.ifeval import Prompt, passes, read_prompts, score
+from builder.evaluate.ifeval import ARGUMENTS, Prompt, passes, read_prompts, score
 
 
 @pytest.mark.parametrize("constraint, text, strict, loose", [
@@ -45,7 +46,7 @@ def test_score_counts_prompts_constraints_and_the_implicit_stop():
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{", "invalid JSON"),
+    ("{", "not JSON: Expecting property name enclosed in double quotes at column 2"),
     (json.dumps({"constraints": []}), "non-empty string `prompt`"),
     (json.dumps({"prompt": "p", "constraints": [{"check": "shout"}]}), "`check` one of"),
     (json.dumps({"prompt": "p", "constraints": [{"check": "bullets"}]}), "needs ['count']"),
@@ -55,12 +56,21 @@ def test_score_counts_prompts_constraints_and_the_implicit_stop():
 def test_bad_prompt_files_name_the_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + line + "\n")
-    with pytest.raises(DataError, match="line 2") as info:
+    with pytest.raises(DataError) as info:
         read_prompts(path, "p.jsonl")
-    assert message in str(info.value)
+    assert str(info.value).startswith("p.jsonl:2: ") and message in str(info.value)
+
+
+def test_a_prompts_file_without_prompts_or_that_cannot_be_read_says_so(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="^empty.jsonl: holds no prompt"):
+        read_prompts(tmp_path / "empty.jsonl", "empty.jsonl")
+    with pytest.raises(DataError, match="^missing.jsonl: cannot read: No such file or directory$"):
+        read_prompts(tmp_path / "missing.jsonl", "missing.jsonl")
 
 
 def test_the_demo_prompts_file_is_valid():
-
     prompts = read_prompts(REPO / "data" / "demo_prompts.jsonl", "demo_prompts.jsonl")
-    assert len(prompts) >= 10 and all(p.constraints for p in prompts)
+    assert len(prompts) == 12 and all(p.constraints for p in prompts)
+    assert sum(len(p.constraints) for p in prompts) == 22
+    assert sorted({c["check"] for p in prompts for c in p.constraints}) == sorted(set(ARGUMENTS) - {"stops"})

@@ -7,7 +7,7 @@ from helpers import CannedChat
 
 from builder.errors import StageError
 from builder.evaluate.judge import OpenAIJudge, Pair, judge_pairs, pair_score, verdict, win_rate
-from builder.evaluate.lmeval import ItemCache
+from builder.llm.items import ItemCache
 
 PAIRS = [Pair(f"Question {i}?", f"good answer {i}", f"poor answer {i}") for i in range(6)]
 
@@ -17,9 +17,10 @@ def test_verdicts_and_pair_scores():
     assert verdict("I cannot decide") is None
     assert pair_score("A", "B") == 1.0 and pair_score("A", "A") == 0.5 and pair_score("C", "C") == 0.5
     assert pair_score("B", "A") == 0.0 and pair_score("A", None) is None
-    rate, interval = win_rate([1.0, 1.0, 0.5, 0.0])
-    assert rate == 0.625 and 0 <= interval[0] <= rate <= interval[1] <= 1
-    assert win_rate([1.0, 1.0, 0.5, 0.0]) == (rate, interval)  # seeded
+    # 1000 seeded bootstrap means of 4 scores: the 25th and the 975th of them, sorted
+    assert win_rate([1.0, 1.0, 0.5, 0.0]) == (0.625, [0.25, 1.0])
+    assert win_rate([1.0, 1.0, 0.5, 0.0], seed=0) == win_rate([1.0, 1.0, 0.5, 0.0])  # seeded: the same twice
+    assert win_rate([0.5] * 3) == (0.5, [0.5, 0.5]) and win_rate([]) == (None, None)
 
 
 def _judge(server: CannedChat, key: str | None = None) -> OpenAIJudge:
@@ -44,7 +45,7 @@ def test_a_judge_that_sees_quality_gives_the_tuned_side_the_wins_and_caches_verd
 
     server = CannedChat(prefer_good, fail_first=2)  # two 503s first: retried with backoff
     try:
-        for attempt in range(2):
+        for _ in range(2):
             cache = ItemCache(tmp_path / "items.sqlite", "judge")
             metrics, records = judge_pairs(_judge(server, key="sk-test-123"), "openai:judge-model", PAIRS, cache,
                                            concurrency=3)

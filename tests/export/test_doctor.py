@@ -22,7 +22,7 @@ def test_doctor_decodes_every_smoke_type(capsys):
 
 
 def test_doctor_reports_a_crash_as_a_message(monkeypatch, capsys):
-    from builder import doctor
+    from builder.export import doctor
 
     monkeypatch.setattr(doctor, "_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     assert main(["doctor"]) == 1

@@ -3,6 +3,7 @@ reject reasons, the request cache: rerun, resume after a kill, larger count, new
 kept out of files, llama_cpp.server and the in-process GGUF teacher on the tiny model."""
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -60,7 +61,8 @@ def teacher_reply(prompt: str, rng: random.Random) -> str:
         task = prompt.rstrip().splitlines()[-2]
         return "Yes" if "Classify" in task else "No"
     if "is a classification task" in prompt.split("\n\n")[0]:
-        return "Class label: Urgent\nInput: The pipe under the sink is leaking.\n\nClass label: Not urgent\nInput: Buy stamps next week."
+        return ("Class label: Urgent\nInput: The pipe under the sink is leaking.\n\n"
+                "Class label: Not urgent\nInput: Buy stamps next week.")
     return f"Input: a beginner's question\nOutput: Here is a careful answer ({rng.randint(0, 10**6)})."
 
 
@@ -88,8 +90,9 @@ def make_gen_project(root: Path, url: str, count: int = 20, extra: str = "") -> 
     from helpers import make_project
 
     make_project(root, gen_recipe(url, count, extra), name="gen")
-    (root / "params.yaml").write_text("recipes: [gen]\ndevice: cpu\ncache_dir: .tunefile\n"
-                                      "endpoints: {api_key_env: TEACHER_KEY, concurrency: 4, timeout_s: 5, retries: 1}\n")
+    (root / "params.yaml").write_text(
+        "recipes: [gen]\ndevice: cpu\ncache_dir: .tunefile\n"
+        "endpoints: {api_key_env: TEACHER_KEY, concurrency: 4, timeout_s: 5, retries: 1}\n")
     return root
 
 
@@ -117,7 +120,8 @@ def test_instruction_replies_are_parsed_as_the_paper_numbers_them():
     def tasks(reply: str, truncated: bool = False) -> list[tuple]:
         return [(c.instruction, c.instances, c.cut) for c in parse_instructions(reply, truncated)]
 
-    reply = " Plan a picnic menu for six people.\nTask 10: Name two rivers in Spain.\n\ntask 11 : Translate 'hello' into French.\n"
+    reply = (" Plan a picnic menu for six people.\nTask 10: Name two rivers in Spain.\n\n"
+             "task 11 : Translate 'hello' into French.\n")
     assert tasks(reply) == [("Plan a picnic menu for six people.", (), False), ("Name two rivers in Spain.", (), False),
                             ("Translate 'hello' into French.", (), False)]
     # A chat reply that restates the number, cut by max_tokens: its last task is marked.
@@ -153,10 +157,13 @@ def test_each_filter_rejects_with_its_reason():
 def test_instances_input_first_output_first_and_the_paper_instance_rules():
     reply = "Example 1\nInput: 2, 4, 6\nOutput: 8\n\nExample 2\nOutput: A list needs no input here.\nTask: next task"
     assert parse_instances(reply, classification=False) == [("2, 4, 6", "8"), ("", "A list needs no input here.")]
-    assert parse_instances("The capital of France is Paris.", classification=False) == [("", "The capital of France is Paris.")]
+    assert parse_instances("The capital of France is Paris.", classification=False) == [
+        ("", "The capital of France is Paris.")]
     labels = "Class label: Positive\nInput: I loved it.\nClass label: Negative\nInput: It broke at once."
-    assert parse_instances(labels, classification=True) == [("I loved it.", "Positive"), ("It broke at once.", "Negative")]
-    kept, dropped = check_instances("Add the numbers.", [("1 2", "3"), ("1 2", "3"), ("x", "x"), ("y", ""), ("None", "ok")])
+    assert parse_instances(labels, classification=True) == [
+        ("I loved it.", "Positive"), ("It broke at once.", "Negative")]
+    kept, dropped = check_instances("Add the numbers.",
+                                    [("1 2", "3"), ("1 2", "3"), ("x", "x"), ("y", ""), ("None", "ok")])
     assert kept == [{"input": "1 2", "output": "3"}, {"input": "", "output": "ok"}]
     assert sorted(dropped) == ["empty output", "output repeats the input", "repeated instance"]
     assert [classification_answer(r) for r in ("Yes.", "No", "It depends", "no, but yes")] == [True, False, None, False]
@@ -190,7 +197,8 @@ def test_a_served_teacher_keeps_count_tasks_and_says_why_it_dropped_the_rest(tmp
         assert len(tasks) == 20 == stats["kept"] and stats["count_reached"]
         assert all(t["instances"] and t["instances"][0]["output"] for t in tasks)
         classified = [t for t in tasks if t["instruction"].startswith("Classify")]
-        assert classified and all(t["is_classification"] and t["instances"][0]["output"] == "Urgent" for t in classified)
+        assert classified and all(t["is_classification"] and t["instances"][0]["output"] == "Urgent"
+                                  for t in classified)
         reasons = {r["reason"] for r in rejects}
         assert {"rouge_l", "blacklisted", "too_short", "starts_with_punctuation", "non_ascii_start"} <= reasons
         assert all(r["detail"] for r in rejects)
@@ -215,7 +223,8 @@ def test_a_served_teacher_keeps_count_tasks_and_says_why_it_dropped_the_rest(tmp
         assert len(server.requests) == sent
         assert {n: out(root, n).read_bytes() for n in first} == first
         manifest = json.loads(out(root, "manifest.json").read_text())
-        assert manifest["summary"]["requests_sent"] == 0 and manifest["summary"]["cache_hits"] == stats["requests"]["total"]
+        assert manifest["summary"]["requests_sent"] == 0
+        assert manifest["summary"]["cache_hits"] == stats["requests"]["total"]
     finally:
         server.close()
 
@@ -317,8 +326,9 @@ def test_a_server_that_never_answers_fails_after_its_timeouts_not_after_every_re
     try:
         monkeypatch.setenv("TEACHER_KEY", "k")
         root = make_gen_project(tmp_path / "p", f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
-        (root / "params.yaml").write_text("recipes: [gen]\ndevice: cpu\n"
-                                          "endpoints: {api_key_env: TEACHER_KEY, concurrency: 4, timeout_s: 1, retries: 1}\n")
+        (root / "params.yaml").write_text(
+            "recipes: [gen]\ndevice: cpu\n"
+            "endpoints: {api_key_env: TEACHER_KEY, concurrency: 4, timeout_s: 1, retries: 1}\n")
         started = time.time()
         with pytest.raises(StageError, match="accepted the connection but sent no answer within 1 s, 2 times"):
             build_generate(root)
@@ -328,7 +338,8 @@ def test_a_server_that_never_answers_fails_after_its_timeouts_not_after_every_re
 
 
 def test_cut_off_or_unlabelled_instance_replies_give_no_instance():
-    assert parse_instances("Input: a\nOutput: b\nInput: c\nOutput: half of an ans", False, truncated=True) == [("a", "b")]
+    cut = "Input: a\nOutput: b\nInput: c\nOutput: half of an ans"
+    assert parse_instances(cut, False, truncated=True) == [("a", "b")]
     assert parse_instances("It is probably positive.", classification=True) == []  # a label needs its field
     assert parse_instances("Input: I loved it.\nOutput: Positive", classification=True) == [("I loved it.", "Positive")]
 
@@ -343,7 +354,8 @@ def test_a_teacher_server_without_a_chat_endpoint_is_asked_for_completions(tmp_p
         build_generate(root)
         assert len(read_jsonl(out(root, "generated.jsonl"))) == 5
         paths = [r["path"] for r in server.requests]
-        assert paths.count("/v1/chat/completions") == 1 and paths.count("/v1/completions") > 4  # one 404, then completions
+        # one 404, then completions
+        assert paths.count("/v1/chat/completions") == 1 and paths.count("/v1/completions") > 4
     finally:
         server.close()
 
@@ -411,8 +423,8 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_base) -> Path:
     """The tiny base model as an f16 GGUF, converted by llama.cpp's converter."""
+    from builder.export.convert import convert_model
     from builder.recipe.project import load_project
-    from builder.stages.gguf import convert_model
 
     project = load_project(tiny_base)
     path = tiny_base / "teacher.gguf"
@@ -427,16 +439,26 @@ def test_the_in_process_gguf_teacher_says_why_its_output_was_rejected(tiny_gguf,
                             extra="      max_requests: 2\n      requests_per_round: 2\n")
     shutil.copy(tiny_gguf, root / "teacher.gguf")
     recipe = root / "recipes" / "gen.yaml"
-    recipe.write_text(recipe.read_text().replace('{openai: {base_url: "http://unused", model: canned-teacher, revision: r1}}',
-                                                 "{gguf: teacher.gguf}").replace("max_tokens: 256", "max_tokens: 48"))
+    served = '{openai: {base_url: "http://unused", model: canned-teacher, revision: r1}}'
+    recipe.write_text(recipe.read_text().replace(served, "{gguf: teacher.gguf}")
+                      .replace("max_tokens: 256", "max_tokens: 48"))
     build_generate(root)
     stats = json.loads(out(root, "stats.json").read_text())
     rejects = read_jsonl(out(root, "rejects.jsonl"))
     assert stats["teacher"].startswith("gguf:") and stats["requests"]["instruction"] == 2
-    assert stats["tokens"]["completion"] > 0 and stats["candidates"] == len(rejects) + stats["kept"]
-    assert all(r["reason"] and r["detail"] for r in rejects)
-    if stats["kept"] < 2:
-        assert "kept" in capfd.readouterr().err  # the warning names what was kept and the top reasons
+    assert stats["tokens"]["completion"] > 0
+    # What the tiny model writes depends on the CPU's float kernels; what the stage makes of it does not:
+    # every candidate is kept or rejected with a reason and a detail, the stats count exactly those
+    # rejects, and a count not reached is one warning that names the kept number and the reasons.
+    assert stats["candidates"] == len(rejects) + stats["kept"]
+    reasons = collections.Counter(r["reason"] for r in rejects)
+    assert stats["rejects"] == dict(reasons) and all(r["detail"] for r in rejects)
+    assert all((r["round"], r["request"]) in ((0, 0), (0, 1)) for r in rejects)
+    top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(4)) or "none"
+    expected = [] if stats["kept"] == 2 else [
+        f"warning: gen/generate@synth: kept {stats['kept']} of 2 tasks after 2 instruction requests "
+        f"(generate.max_requests 2); rejects: {top}; see build/gen/generate/synth/rejects.jsonl"]
+    assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")] == expected
 
 
 def test_llama_cpp_server_as_the_teacher(tiny_gguf, tmp_path, monkeypatch):
@@ -444,8 +466,8 @@ def test_llama_cpp_server_as_the_teacher(tiny_gguf, tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1",
-                               "--port", str(port), "--n_ctx", "1024", "--model_alias", "tiny"],
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf),
+                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--model_alias", "tiny"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         import urllib.request
@@ -517,7 +539,8 @@ def test_dvc_repro_generates_and_dvc_push_shares_the_generated_rows(tiny_base, t
         for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["tunefile", "dvc"]):
             run_in(root, *cmd)
         ran = stages_run(run_in(root, "dvc", "repro", "gen-dataset"))
-        assert sorted(ran) == ["gen-base", "gen-dataset", "gen-generate", "resolve"] and ran.index("gen-generate") < ran.index("gen-dataset")
+        assert sorted(ran) == ["gen-base", "gen-dataset", "gen-generate", "resolve"]
+        assert ran.index("gen-generate") < ran.index("gen-dataset")
         assert stages_run(run_in(root, "dvc", "repro", "gen-dataset")) == []
         sent = len(server.requests)
         run_in(root, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))

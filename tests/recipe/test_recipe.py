@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from helpers import REPO, make_project
 
 from builder.errors import RecipeError
@@ -26,10 +27,21 @@ def test_default_recipe_loads():
     assert recipe.train.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def _leaves(value: object, loc: tuple = ()) -> dict[tuple, object]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, (*loc, key)).items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, (*loc, i)).items()}
+    return {loc: value}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(path):
-    recipe = load_recipe(path, root=REPO)
-    assert recipe.name == path.stem
+def test_every_shipped_recipe_loads_every_value_it_writes(path):
+    """Each value the YAML sets is the value the loaded recipe holds, at the same place: nothing the
+    loader drops, coerces (2.0e-4 stays a float, a list keeps its order) or takes from a default."""
+    written = _leaves(yaml.safe_load(path.read_text()))
+    loaded = _leaves(load_recipe(path, root=REPO).model_dump(mode="json"))
+    assert {loc: loaded.get(loc, "(missing)") for loc in written} == written
 
 
 def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
@@ -39,14 +51,16 @@ def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
     line = default_text().splitlines().index("  lr: 2.0e-4") + 1
     message = str(err.value)
     assert f"{path}:{line}: unknown key 'train.leraning_rate'" in message
-    assert "allowed here: batch_size, epochs, eval_steps, gradient_accumulation, gradient_checkpointing, lora, lr, max_grad_norm, max_length, method, neftune_alpha, packing, precision, scheduler, seed, train_on, warmup_ratio, weight_decay" in message
+    assert ("allowed here: batch_size, epochs, eval_steps, gradient_accumulation, gradient_checkpointing, lora, lr, "
+            "max_grad_norm, max_length, method, neftune_alpha, packing, precision, scheduler, seed, train_on, "
+            "warmup_ratio, weight_decay") in message
 
 
 def test_unknown_quant_type_is_rejected_with_allowed_values(tmp_path):
     path, root = write(tmp_path, default_text().replace("quantize: [q8_0, q4_k_m]", "quantize: [q8_0, q4_k_z]"))
     with pytest.raises(RecipeError) as err:
         load_recipe(path, root=root)
-    line = next(i for i, l in enumerate(default_text().splitlines(), 1) if "quantize:" in l)
+    line = next(i for i, text in enumerate(default_text().splitlines(), 1) if "quantize:" in text)
     assert f"{path}:{line}: export.gguf.quantize: unknown quant type 'q4_k_z'; allowed: " in str(err.value)
     assert "q4_k_m" in str(err.value) and "q8_0" in str(err.value)
 
@@ -55,7 +69,7 @@ def test_missing_source_file_is_an_error_before_building(tmp_path):
     path, root = write(tmp_path, default_text().replace("data/demo_chats.json", "data/nope.json"))
     with pytest.raises(RecipeError) as err:
         load_recipe(path, root=root)
-    line = next(i for i, l in enumerate(default_text().splitlines(), 1) if "data/demo_chats.json" in l)
+    line = next(i for i, text in enumerate(default_text().splitlines(), 1) if "data/demo_chats.json" in text)
     assert f"{path}:{line}: source 'demo_chats': no file matches 'data/nope.json'" in str(err.value)
 
 

@@ -248,7 +248,8 @@ def test_template_that_opens_the_next_turn_after_the_last_answer_does_not_train_
     # Like Llama-3's first release: the assistant header is written after every conversation,
     # whatever add_generation_prompt says. The opener must not become part of the marker.
     template = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
-                " + m['content'] + '<|eot_id|>' }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
+                " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
     result = render_chat(template, CONVERSATION)
     assert result.text == hf_render(tiny_tokenizer, template, CONVERSATION)
     assert trained_text(result) == ["Red.<|eot_id|>", "Blue.<|eot_id|>"]
@@ -373,7 +374,8 @@ def test_template_that_drops_a_role_is_refused():
 
 
 def test_template_errors_are_template_errors():
-    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+              "{% endfor %}")
     with pytest.raises(TemplateError, match="refused the conversation: no system"):
         render_chat(strict, CONVERSATION)
     with pytest.raises(TemplateError, match="does not parse"):
@@ -444,7 +446,8 @@ def test_sandbox_refuses_hostile_templates(template, message):
 
 
 def test_sandbox_keeps_loop_semantics():
-    template = "{% for m in messages if m != 'b' %}{{ loop.index }}/{{ loop.length }}{{ m }}{% if not loop.last %},{% endif %}{% endfor %}"
+    template = ("{% for m in messages if m != 'b' %}{{ loop.index }}/{{ loop.length }}{{ m }}"
+                "{% if not loop.last %},{% endif %}{% endfor %}")
     assert render_template(template, {"messages": ["a", "b", "c"]})[0] == "1/2a,2/2c"
     assert render_template("{% for x in range(3) %}{% if x == 1 %}{% break %}{% endif %}{{ x }}{% endfor %}",
                            {})[0] == "0"
@@ -502,8 +505,8 @@ def test_every_builtin_passes_the_template_checks(name):
 
 def test_check_template_reports_what_inference_needs():
     chatml = check_template(CHATML)
-    assert (chatml.end_of_turn, chatml.generation_prompt, chatml.writes_bos) == ("<|im_end|>", "<|im_start|>assistant\n",
-                                                                                False)
+    assert (chatml.end_of_turn, chatml.generation_prompt, chatml.writes_bos) == (
+        "<|im_end|>", "<|im_start|>assistant\n", False)
     llama2 = check_template(BUILTIN_TEMPLATES["llama-2"].read_text())
     assert (llama2.end_of_turn, llama2.generation_prompt, llama2.writes_bos) == ("</s>", "", True)
     phi3 = check_template(BUILTIN_TEMPLATES["phi-3"].read_text())
@@ -633,7 +636,8 @@ def test_batch_labels_equal_the_per_row_path(tiny_tokenizer, name):
 
     template = BUILTIN_TEMPLATES[name].read_text()
     conversations = [CONVERSATION, SHAPES["one_turn"], SHAPES["whitespace"], SHAPES["markup"],
-                     [{"role": "user", "content": "Ünïcödé ✓ 北京?"}, {"role": "assistant", "content": "Ça va 😀 中文."}],
+                     [{"role": "user", "content": "Ünïcödé ✓ 北京?"},
+                      {"role": "assistant", "content": "Ça va 😀 中文."}],
                      [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]]
     chats = tokenize_chats(template, conversations, tiny_tokenizer)
     batch, rows = tokenize_batch(template, conversations, tiny_tokenizer)
@@ -659,7 +663,8 @@ def test_batch_path_without_a_rust_backend_matches_the_fast_one(tiny_tokenizer):
         def __call__(self, *args, **kwargs):
             return tiny_tokenizer(*args, **kwargs)
 
-    conversations = [CONVERSATION, SHAPES["markup"], [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]]
+    conversations = [CONVERSATION, SHAPES["markup"],
+                     [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]]
     fast, fast_rows = tokenize_batch(CHATML, conversations, tiny_tokenizer)
     slow, slow_rows = tokenize_batch(CHATML, conversations, Slow())
     assert [type(r) for r in slow_rows] == [type(r) for r in fast_rows]

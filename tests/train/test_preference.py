@@ -8,10 +8,10 @@ import csv
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_train import make, tiny_base  # noqa: F401 (the module's tiny model fixture)
 
 from builder.engine.build import build_recipe
 from builder.recipe.project import load_project
@@ -27,6 +27,7 @@ PREFERENCE = """preference:
   seed: 7
 %s
 """
+OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "steps.csv", "eval.csv", "metrics.json")
 RAMBLE = " Well, numbers are a big topic and people have thought about them for ages, so let me say more."
 
 
@@ -39,13 +40,19 @@ def pair_rows(n: int = 30) -> list[dict]:
     return rows
 
 
-def make_dpo(root: Path, tiny_base: Path, extra: str = "", checkpoint_steps: int = 50,  # noqa: F811
-             rows: list[dict] | None = None) -> Path:
-    make(root, tiny_base, checkpoint_steps=checkpoint_steps)
-    recipe = root / "recipes" / "r.yaml"
-    recipe.write_text(recipe.read_text() + PREFERENCE % extra)
-    (root / "data" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows or pair_rows()))
-    return root
+@pytest.fixture(scope="session")
+def dpo_project(train_project) -> Callable[..., Path]:
+    """make(root, extra="", checkpoint_steps=50, rows=None) -> root: conftest's train project with a
+    preference section (`extra`: more lines of it) on pairs.jsonl (`rows`, default pair_rows())."""
+
+    def make(root: Path, extra: str = "", checkpoint_steps: int = 50, rows: list[dict] | None = None) -> Path:
+        train_project(root, checkpoint_steps=checkpoint_steps)
+        recipe = root / "recipes" / "r.yaml"
+        recipe.write_text(recipe.read_text() + PREFERENCE % extra)
+        (root / "data" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows or pair_rows()))
+        return root
+
+    return make
 
 
 def build(root: Path, until: str = "preference") -> dict:
@@ -93,10 +100,10 @@ def test_pairs_have_labels_on_the_answer_only_and_a_shared_prompt(tiny_tokenizer
     assert len(cut[0].rejected_ids) == p + 2 and len(cut[0].chosen_ids) <= p + 2  # answers cut, prompt kept
 
 
-def test_bad_pair_rows_are_rejected_with_a_reason(tmp_path, tiny_base):  # noqa: F811
+def test_bad_pair_rows_are_rejected_with_a_reason(tmp_path, dpo_project):
     rows = pair_rows(12) + [{"prompt": "Same?", "chosen": "Yes.", "rejected": " Yes. "},
                             {"prompt": "No answer?", "chosen": "Here."}]
-    root = make_dpo(tmp_path / "bad", tiny_base, rows=rows)
+    root = dpo_project(tmp_path / "bad", rows=rows)
     build_recipe(load_project(root), "r", "pairs")
     out = root / "build/r/pairs"
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
@@ -107,9 +114,10 @@ def test_bad_pair_rows_are_rejected_with_a_reason(tmp_path, tiny_base):  # noqa:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base) -> Path:  # noqa: F811
-    """One DPO build (7 steps: 24 pairs, 4 a step): what the ln 2, resume and TRL tests read."""
-    root = make_dpo(tmp_path_factory.mktemp("dpo") / "ref", tiny_base, checkpoint_steps=3)
+def trained(tmp_path_factory, dpo_project) -> Path:
+    """One DPO build (6 steps: the 24 train pairs of 30, 6 held out, 4 a step; checkpoints every 3
+    steps): what the ln 2, resume, TRL, merge and two-process tests read."""
+    root = dpo_project(tmp_path_factory.mktemp("dpo") / "ref", checkpoint_steps=3)
     build(root)
     return root
 
@@ -127,7 +135,7 @@ def test_the_first_step_loss_is_ln_2_and_held_out_accuracy_is_measured(trained):
 
 
 def test_a_killed_preference_stage_resumes_to_the_same_bytes(tmp_path, trained, monkeypatch):
-    import builder.stages.preference as preference_stage
+    import builder.train.loop as loop
 
     root = tmp_path / "cut"  # the same project with its SFT stages built, not the preference stage
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
@@ -137,14 +145,15 @@ def test_a_killed_preference_stage_resumes_to_the_same_bytes(tmp_path, trained, 
         saves.append(save_checkpoint(folder, step, state))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(preference_stage, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         build(root)
     assert [p.name for p in saves] == ["step-00000003"] and not (root / "build/r/preference").exists()
     monkeypatch.undo()
     assert build(root)["summary"]["resumed_from_step"] == 3
-    for name in ("adapter_model.safetensors", "adapter_config.json", "steps.csv", "eval.csv", "metrics.json"):
-        assert (root / "build/r/preference" / name).read_bytes() == (trained / "build/r/preference" / name).read_bytes(), name
+    for name in OUTPUTS:
+        ours, reference = (project / "build/r/preference" / name for project in (root, trained))
+        assert ours.read_bytes() == reference.read_bytes(), name
     assert not list((root / ".tunefile").glob("checkpoints/*"))
 
 
@@ -164,12 +173,13 @@ def test_per_step_losses_match_trls_dpo_trainer(trained, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     from builder.data.pairs import read_pairs
-    from builder.stages.preference import draw_steps, load_policy
+    from builder.train.adapters import load_policy
+    from builder.train.dpo import draw_pair_steps
 
     recipe = load_project(trained).load_recipe("r")
     spec, build_dir = recipe.preference, trained / "build/r"
-    order = [p for _, group in draw_steps(read_pairs(build_dir / "pairs/train.parquet"), spec.batch_size, 1, spec.seed)
-             for p in group]
+    steps = draw_pair_steps(read_pairs(build_dir / "pairs/train.parquet"), spec.batch_size, 1, spec.seed)
+    order = [p for _, group in steps for p in group]
     assert all(-100 not in p.chosen_labels[p.prompt_tokens:] + p.rejected_labels[p.prompt_tokens:] for p in order)
     rows = [{"prompt_ids": p.chosen_ids[:p.prompt_tokens], "chosen_ids": p.chosen_ids[p.prompt_tokens:],
              "rejected_ids": p.rejected_ids[p.prompt_tokens:]} for p in order]
@@ -244,14 +254,15 @@ def test_merge_folds_the_preference_adapter_in_after_the_sft_one(trained, tmp_pa
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from builder.stages import StageContext
-    from builder.stages.gguf import lineage_metadata
-    from builder.stages.merge import load_sft_model
+    from builder.engine.plan import plan_stages
+    from builder.export.convert import lineage_metadata
+    from builder.train.adapters import load_sft_model
 
     root = tmp_path / "m"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile"))
     recipe = root / "recipes" / "r.yaml"
-    recipe.write_text(recipe.read_text().replace("export: {merge: false, gguf: null}", "export: {merge: true, gguf: null}"))
+    recipe.write_text(recipe.read_text().replace("export: {merge: false, gguf: null}",
+                                                 "export: {merge: true, gguf: null}"))
     build_recipe(load_project(root), "r", "merge")
     merged = load_file(str(root / "build/r/merge/model.safetensors"))
     build_dir = root / "build/r"
@@ -261,11 +272,11 @@ def test_merge_folds_the_preference_adapter_in_after_the_sft_one(trained, tmp_pa
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(merged[name], expected[name]) and not torch.equal(merged[name], sft[name])
     project = load_project(root)
-    from builder.engine.plan import plan_stages
     plan = {s.name: s for s in plan_stages(project.load_recipe("r"), project)}
-    ctx = StageContext(project, project.load_recipe("r"), plan["merge"], plan, tmp_path)
-    lineage = lineage_metadata(ctx)
-    assert lineage["tunefile.preference_key"] == plan["preference"].key and lineage["tunefile.pairs_key"] == plan["pairs"].key
+    keys = {name: s.key for name, s in plan.items()}  # as the gguf stage passes them (this recipe builds none)
+    lineage = lineage_metadata(project.load_recipe("r"), {**keys, "gguf": "0" * 32})
+    assert lineage["tunefile.preference_key"] == plan["preference"].key
+    assert lineage["tunefile.pairs_key"] == plan["pairs"].key
 
 
 def test_two_processes_train_preference_like_one(trained, tmp_path):
@@ -307,7 +318,8 @@ def test_sigkill_during_the_preference_stage_then_a_rerun_gives_the_same_bytes(t
 
     root = tmp_path / "killed"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
-    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("checkpoint_steps: 3", "checkpoint_steps: 2"))
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("checkpoint_steps: 3", "checkpoint_steps: 2"))
     tunefile, env = tunefile_env()
     cmd = [tunefile, "stage", "preference", "r"]
     process = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -323,8 +335,9 @@ def test_sigkill_during_the_preference_stage_then_a_rerun_gives_the_same_bytes(t
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((root / "build/r/preference/manifest.json").read_text())["summary"]
     assert summary["resumed_from_step"] in (2, 4)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "steps.csv", "eval.csv", "metrics.json"):
-        assert (root / "build/r/preference" / name).read_bytes() == (trained / "build/r/preference" / name).read_bytes(), name
+    for name in OUTPUTS:
+        ours, reference = (project / "build/r/preference" / name for project in (root, trained))
+        assert ours.read_bytes() == reference.read_bytes(), name
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -333,10 +346,10 @@ def test_sigkill_during_the_preference_stage_then_a_rerun_gives_the_same_bytes(t
     ("path: data/pairs.jsonl", r"r\.yaml:\d+: source 'pairs': no file matches 'data/nope.jsonl'"),
     ("  max_length: 96\n  packing", r"r\.yaml:\d+: train.method: qlora cannot take a preference section"),
 ])
-def test_bad_preference_sections_fail_validation_with_file_and_line(tmp_path, tiny_base, edit, message):  # noqa: F811
+def test_bad_preference_sections_fail_validation_with_file_and_line(tmp_path, dpo_project, edit, message):
     from builder.errors import RecipeError
 
-    root = make_dpo(tmp_path / "v", tiny_base)
+    root = dpo_project(tmp_path / "v")
     recipe = root / "recipes" / "r.yaml"
     replacement = {"format: preference}": "format: alpaca}", "beta: 0.1": "beta: 0",
                    "path: data/pairs.jsonl": "path: data/nope.jsonl",

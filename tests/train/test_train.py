@@ -1,4 +1,4 @@
-"""The train stage's options on CPU, on a tiny random Llama in a local folder (seconds per build):
+"""The train stage's options on CPU, on the tiny random Llama of conftest.py (seconds per build):
 resume after an interruption gives the same adapter, gradient accumulation, schedules, NEFTune,
 gradient checkpointing, full fine-tuning, padding report, eval curve, and QLoRA refused on CPU."""
 from __future__ import annotations
@@ -17,48 +17,6 @@ from builder.recipe.project import load_project
 from builder.train.batches import make_batches, to_tensors
 from builder.train.checkpoints import save_checkpoint
 
-RECIPE = """name: r
-base: {model: models/tiny}
-template: chatml
-sources: [{name: a, path: data/a.jsonl, format: alpaca}]
-mixture: {eval_size: 4, seed: 3}
-train:
-  max_length: 96
-  packing: false
-  batch_size: 4
-  lr: 1.0e-3
-  seed: 5
-%s
-export: {merge: false, gguf: null}
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tiny_tokenizer) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make(root: Path, tiny_base: Path, train: str = "", checkpoint_steps: int = 50) -> Path:
-    (root / "recipes").mkdir(parents=True)
-    (root / "data").mkdir()
-    shutil.copytree(tiny_base, root / "models" / "tiny")
-    rows = [{"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} is {2 * i}." + " Indeed." * (i % 8)}
-            for i in range(40)]
-    (root / "data" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "recipes" / "r.yaml").write_text(RECIPE % train)
-    (root / "params.yaml").write_text(f"recipes: [r]\ndevice: cpu\ncheckpoint_steps: {checkpoint_steps}\n")
-    return root
-
 
 def train(root: Path) -> dict:
     build_recipe(load_project(root), "r", "train")
@@ -70,19 +28,19 @@ def curve(root: Path, name: str = "loss.csv") -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_an_interrupted_train_resumes_to_the_same_adapter(tmp_path, tiny_base, monkeypatch):
-    import builder.stages.train as train_stage
+def test_an_interrupted_train_resumes_to_the_same_adapter(tmp_path, train_project, monkeypatch):
+    import builder.train.loop as loop
 
-    reference = make(tmp_path / "ref", tiny_base, checkpoint_steps=3)
+    reference = train_project(tmp_path / "ref", checkpoint_steps=3)
     assert train(reference)["summary"]["resumed_from_step"] == 0
-    root = make(tmp_path / "cut", tiny_base, checkpoint_steps=3)
+    root = train_project(tmp_path / "cut", checkpoint_steps=3)
     saves = []
 
     def save_then_die(folder, step, state):  # the run dies right after its first checkpoint
         saves.append(save_checkpoint(folder, step, state))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_stage, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(root)
     assert [p.name for p in saves] == ["step-00000003"] and not (root / "build/r/train").exists()
@@ -94,9 +52,9 @@ def test_an_interrupted_train_resumes_to_the_same_adapter(tmp_path, tiny_base, m
     assert not list((root / ".tunefile").glob("checkpoints/*"))  # cleared once the stage is done
 
 
-def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_base):
-    big = make(tmp_path / "big", tiny_base, "  max_grad_norm: null")
-    small = make(tmp_path / "small", tiny_base, "  max_grad_norm: null\n  gradient_accumulation: 2")
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, train_project):
+    big = train_project(tmp_path / "big", "  max_grad_norm: null")
+    small = train_project(tmp_path / "small", "  max_grad_norm: null\n  gradient_accumulation: 2")
     (small / "recipes" / "r.yaml").write_text((small / "recipes" / "r.yaml").read_text().replace("batch_size: 4",
                                                                                                  "batch_size: 2"))
     a, b = train(big)["summary"], train(small)["summary"]
@@ -114,20 +72,20 @@ WARMUP = [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3]  # 18 steps, warmup_ratio 0.2: 4 warm
      and lrs[11] == pytest.approx(5e-4)),
     ("constant", lambda lrs: lrs[4:] == [pytest.approx(1e-3)] * 14),
 ])
-def test_schedules_with_warmup(tmp_path, tiny_base, scheduler, check):
-    root = make(tmp_path / scheduler, tiny_base, f"  scheduler: {scheduler}\n  warmup_ratio: 0.2\n  epochs: 2")
+def test_schedules_with_warmup(tmp_path, train_project, scheduler, check):
+    root = train_project(tmp_path / scheduler, f"  scheduler: {scheduler}\n  warmup_ratio: 0.2\n  epochs: 2")
     train(root)
     lrs = [float(row["lr"]) for row in curve(root)]
     assert len(lrs) == 18 and lrs[:5] == [pytest.approx(x) for x in WARMUP] and check(lrs)
 
 
-def test_neftune_changes_the_training_loss_but_not_the_eval_loss(tiny_base):
+def test_neftune_changes_the_training_loss_but_not_the_eval_loss(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from builder.stages.train import add_neftune
+    from builder.train.setup import add_neftune
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     batch = to_tensors(make_batches([([5, 17, 99, 250, 31, 8, 40], [-100, -100, 99, 250, 31, 8, 40])], 1, True,
                                     64, 0)[0], "cpu")
     with torch.no_grad():
@@ -142,11 +100,11 @@ def test_neftune_changes_the_training_loss_but_not_the_eval_loss(tiny_base):
         assert float(model(**batch).loss) == pytest.approx(clean, abs=1e-6) and abs(noisy - clean) > 1e-4
 
 
-def test_packing_on_and_off_give_the_same_loss_for_one_example(tiny_base):
+def test_packing_on_and_off_give_the_same_loss_for_one_example(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     example = [([5, 17, 99, 250, 31, 8, 40], [-100, -100, 99, 250, 31, 8, 40])]
     with torch.no_grad():
         losses = [float(model(**to_tensors(make_batches(example, 1, packing, 64, 0)[0], "cpu")).loss)
@@ -154,10 +112,10 @@ def test_packing_on_and_off_give_the_same_loss_for_one_example(tiny_base):
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
-def test_gradient_checkpointing_and_neftune_train(tmp_path, tiny_base):
-    plain = make(tmp_path / "plain", tiny_base)
-    ckpt = make(tmp_path / "ckpt", tiny_base, "  gradient_checkpointing: true")
-    noisy = make(tmp_path / "noisy", tiny_base, "  neftune_alpha: 5.0")
+def test_gradient_checkpointing_and_neftune_train(tmp_path, train_project):
+    plain = train_project(tmp_path / "plain")
+    ckpt = train_project(tmp_path / "ckpt", "  gradient_checkpointing: true")
+    noisy = train_project(tmp_path / "noisy", "  neftune_alpha: 5.0")
     for root in (plain, ckpt, noisy):
         train(root)
     loss = [[float(r["loss"]) for r in curve(root)] for root in (plain, ckpt, noisy)]
@@ -165,8 +123,8 @@ def test_gradient_checkpointing_and_neftune_train(tmp_path, tiny_base):
     assert loss[0][0] == pytest.approx(loss[2][0], abs=0.1) and loss[0] != loss[2]  # noise moves every step
 
 
-def test_full_fine_tuning_saves_a_whole_model(tmp_path, tiny_base):
-    root = make(tmp_path / "full", tiny_base, "  method: full")
+def test_full_fine_tuning_saves_a_whole_model(tmp_path, train_project):
+    root = train_project(tmp_path / "full", "  method: full")
     summary = train(root)["summary"]
     out = root / "build/r/train"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
@@ -174,8 +132,8 @@ def test_full_fine_tuning_saves_a_whole_model(tmp_path, tiny_base):
     assert summary["trainable_parameters"] > 100_000
 
 
-def test_metrics_report_padding_and_an_eval_curve(tmp_path, tiny_base):
-    root = make(tmp_path / "m", tiny_base, "  eval_steps: 3")
+def test_metrics_report_padding_and_an_eval_curve(tmp_path, train_project):
+    root = train_project(tmp_path / "m", "  eval_steps: 3")
     recipe = root / "recipes" / "r.yaml"  # rows of up to 256 tokens hold several examples each
     recipe.write_text(recipe.read_text().replace("max_length: 96", "max_length: 256"))
     summary = train(root)["summary"]
@@ -185,13 +143,13 @@ def test_metrics_report_padding_and_an_eval_curve(tmp_path, tiny_base):
     assert metrics["precision"] == "fp32" and "resumed_from_step" not in metrics
 
 
-def test_qlora_on_a_machine_without_cuda_fails_validation_with_file_and_line(tmp_path, tiny_base):
-    root = make(tmp_path / "q", tiny_base, "  method: qlora")
+def test_qlora_on_a_machine_without_cuda_fails_validation_with_file_and_line(tmp_path, train_project):
+    root = train_project(tmp_path / "q", "  method: qlora")
     with pytest.raises(RecipeError, match=r"r\.yaml:\d+: train.method: qlora needs a CUDA GPU"):
         load_project(root).load_recipe("r")
 
 
-def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
+def test_two_processes_train_like_one_with_accumulation(tmp_path, train_project):
     """params.yaml `launch: {num_processes: 2}`: `tunefile stage train` starts accelerate launch with
     2 CPU processes (gloo DDP); each trains its share of every step; rank 0 alone publishes. The
     same adapter as one process accumulating over the same micro-batches, within float tolerance:
@@ -204,9 +162,9 @@ def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
     import torch
     from safetensors.torch import load_file
 
-    one = make(tmp_path / "one", tiny_base, "  gradient_accumulation: 2")
+    one = train_project(tmp_path / "one", "  gradient_accumulation: 2")
     train(one)
-    two = make(tmp_path / "two", tiny_base)
+    two = train_project(tmp_path / "two")
     build_recipe(load_project(two), "r", "dataset")
     with open(two / "params.yaml", "a") as f:
         f.write("launch: {num_processes: 2}\n")
@@ -232,10 +190,10 @@ def test_two_processes_train_like_one_with_accumulation(tmp_path, tiny_base):
     assert sorted(p.name for p in (two / "build/r").iterdir()) == [".lock", "base", "dataset", "train"]
 
 
-def test_a_recipe_without_export_builds_placeholders_for_the_dvc_outs(tmp_path, tiny_base):
+def test_a_recipe_without_export_builds_placeholders_for_the_dvc_outs(tmp_path, train_project):
     """dvc.yaml has the same stages for every recipe: kinds a recipe does not build still get the
     folder DVC expects, saying why it is empty."""
-    root = make(tmp_path / "x", tiny_base)
+    root = train_project(tmp_path / "x")
     build_recipe(load_project(root), "r", None)
     build = root / "build/r"
     for kind in ("pairs", "preference", "merge", "gguf", "quantize"):
@@ -247,12 +205,12 @@ def test_a_recipe_without_export_builds_placeholders_for_the_dvc_outs(tmp_path, 
     assert json.loads((build / "eval" / "metrics.json").read_text()) == {}
 
 
-def test_only_the_train_stage_runs_under_a_multi_process_launch(tmp_path, tiny_base, monkeypatch):
+def test_only_the_train_stage_runs_under_a_multi_process_launch(tmp_path, train_project, monkeypatch):
     from builder.engine.plan import plan_stages
     from builder.engine.runner import run_stage
     from builder.errors import StageError
 
-    root = make(tmp_path / "w", tiny_base)
+    root = train_project(tmp_path / "w")
     project = load_project(root)
     recipe = project.load_recipe("r")
     plan = {s.name: s for s in plan_stages(recipe, project)}
@@ -291,7 +249,7 @@ def test_launch_commands_from_params_and_the_shipped_accelerate_configs(tmp_path
 def test_curriculum_keeps_the_split_order_and_shuffle_draws_a_new_one_every_epoch():
     import random
 
-    from builder.stages.train import epoch_order
+    from builder.train.batches import epoch_order
 
     examples = list(range(50))
     rng = random.Random(3)
