@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import builder.train.loop as loop
+from builder.train.checkpoints import save_checkpoint
+
 RECIPE = """name: r
 base: {model: models/tiny}
 template: chatml
@@ -61,3 +64,21 @@ def train_project(tiny_llama) -> Callable[..., Path]:
     tiny Llama with LoRA on 40 alpaca rows (36 train, 4 eval: 9 steps of 4); `train` holds extra
     lines of the recipe's train section, `checkpoint_steps` goes to params.yaml."""
     return partial(make_train_project, tiny_llama)
+
+
+@pytest.fixture
+def die_at_first_checkpoint(monkeypatch) -> Callable[[], list[Path]]:
+    """`arm()` makes the training loop die (KeyboardInterrupt) right after it writes its first
+    checkpoint, and returns the list the written checkpoint folders go into;
+    `monkeypatch.undo()` lets the next run go through."""
+    def arm() -> list[Path]:
+        saves: list[Path] = []
+
+        def save_then_die(folder: Path, step: int, state: dict) -> Path:
+            saves.append(save_checkpoint(folder, step, state))
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+        return saves
+
+    return arm

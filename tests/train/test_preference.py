@@ -15,7 +15,6 @@ import pytest
 
 from builder.engine.build import build_recipe
 from builder.recipe.project import load_project
-from builder.train.checkpoints import save_checkpoint
 
 PREFERENCE = """preference:
   sources: [{name: pairs, path: data/pairs.jsonl, format: preference}]
@@ -134,18 +133,11 @@ def test_the_first_step_loss_is_ln_2_and_held_out_accuracy_is_measured(trained):
     assert [int(r["step"]) for r in evals] == [0, 6] and float(evals[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_a_killed_preference_stage_resumes_to_the_same_bytes(tmp_path, trained, monkeypatch):
-    import builder.train.loop as loop
-
+def test_a_killed_preference_stage_resumes_to_the_same_bytes(tmp_path, trained, monkeypatch,
+                                                              die_at_first_checkpoint):
     root = tmp_path / "cut"  # the same project with its SFT stages built, not the preference stage
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns(".tunefile", "preference"))
-    saves = []
-
-    def save_then_die(folder, step, state):  # the run dies right after its first checkpoint
-        saves.append(save_checkpoint(folder, step, state))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    saves = die_at_first_checkpoint()  # the run dies right after its first checkpoint
     with pytest.raises(KeyboardInterrupt):
         build(root)
     assert [p.name for p in saves] == ["step-00000003"] and not (root / "build/r/preference").exists()

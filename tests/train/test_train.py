@@ -15,7 +15,6 @@ from builder.engine.build import build_recipe
 from builder.errors import RecipeError
 from builder.recipe.project import load_project
 from builder.train.batches import make_batches, to_tensors
-from builder.train.checkpoints import save_checkpoint
 
 
 def train(root: Path) -> dict:
@@ -28,19 +27,12 @@ def curve(root: Path, name: str = "loss.csv") -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_an_interrupted_train_resumes_to_the_same_adapter(tmp_path, train_project, monkeypatch):
-    import builder.train.loop as loop
-
+def test_an_interrupted_train_resumes_to_the_same_adapter(tmp_path, train_project, monkeypatch,
+                                                          die_at_first_checkpoint):
     reference = train_project(tmp_path / "ref", checkpoint_steps=3)
     assert train(reference)["summary"]["resumed_from_step"] == 0
     root = train_project(tmp_path / "cut", checkpoint_steps=3)
-    saves = []
-
-    def save_then_die(folder, step, state):  # the run dies right after its first checkpoint
-        saves.append(save_checkpoint(folder, step, state))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    saves = die_at_first_checkpoint()  # the run dies right after its first checkpoint
     with pytest.raises(KeyboardInterrupt):
         train(root)
     assert [p.name for p in saves] == ["step-00000003"] and not (root / "build/r/train").exists()
