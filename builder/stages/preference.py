@@ -21,20 +21,10 @@ from builder.data.pairs import Pair, read_pairs
 from builder.errors import StageError
 from builder.files import write_json
 from builder.stages import StageContext
+from builder.train import loop
 from builder.train.adapters import load_policy, save_adapter
 from builder.train.checkpoints import checkpoint_folder
 from builder.train.dpo import EVAL_TERMS, TERMS, dpo_step, draw_pair_steps, evaluate_pairs, held_out_metrics
-from builder.train.loop import (
-    Progress,
-    Schedule,
-    Trainer,
-    finish,
-    run_metrics,
-    run_summary,
-    train_loop,
-    write_curve,
-    write_evals,
-)
 from builder.train.setup import make_accelerator, make_trainer, pad_token_id, seed_everything
 
 
@@ -42,7 +32,7 @@ from builder.train.setup import make_accelerator, make_trainer, pad_token_id, se
 class Components:
     """What setup builds and the loop and save use."""
 
-    trainer: Trainer
+    trainer: loop.Trainer
     precision: str
     pad_id: int
     train_pairs: list[Pair]
@@ -72,36 +62,36 @@ def setup(ctx: StageContext) -> Components:
     return Components(trainer, precision, pad_id, train_pairs, held_out, steps)
 
 
-def train(ctx: StageContext, parts: Components) -> Progress:
+def train(ctx: StageContext, parts: Components) -> loop.Progress:
     """The loop (builder/train/loop.py) with DPO's step, and the held-out terms from step 0 on."""
     spec, trainer = ctx.recipe.preference, parts.trainer
     accelerator = trainer.accelerator
-    schedule = Schedule(checkpoint_folder(ctx.project.cache_dir, ctx.stage.key), ctx.project.params.checkpoint_steps,
-                        spec.eval_steps, eval_at_start=True)
+    folder = checkpoint_folder(ctx.project.cache_dir, ctx.stage.key)
+    schedule = loop.Schedule(folder, ctx.project.params.checkpoint_steps, spec.eval_steps, eval_at_start=True)
     evaluate = partial(evaluate_pairs, accelerator.unwrap_model(trainer.model), parts.held_out, spec.batch_size,
                        parts.pad_id, accelerator.device, spec.beta)
     step = partial(dpo_step, trainer.model, accelerator, pad_id=parts.pad_id, beta=spec.beta)
-    return train_loop(trainer, parts.steps, step, evaluate, schedule)
+    return loop.train_loop(trainer, parts.steps, step, evaluate, schedule)
 
 
-def save(ctx: StageContext, parts: Components, progress: Progress) -> dict:
+def save(ctx: StageContext, parts: Components, progress: loop.Progress) -> dict:
     """The adapter, the CSV logs and metrics.json."""
     spec, trainer = ctx.recipe.preference, parts.trainer
     trainer.accelerator.wait_for_everyone()
     save_adapter(trainer.accelerator.unwrap_model(trainer.model), ctx.out_dir, ctx.recipe.base.model)
-    write_curve(ctx.out_dir / "steps.csv", TERMS, progress.curve)
-    write_evals(ctx.out_dir / "eval.csv", EVAL_TERMS,
+    loop.write_curve(ctx.out_dir / "steps.csv", TERMS, progress.curve)
+    loop.write_evals(ctx.out_dir / "eval.csv", EVAL_TERMS,
                 [(s, [values[k] for k in EVAL_TERMS]) for s, values in progress.evals if values])
     first, last = progress.curve[0], progress.curve[-1]  # [step, epoch, loss, ..., accuracy, lr]
-    metrics = {**run_metrics(trainer, len(parts.steps), parts.precision), "pairs": len(parts.train_pairs),
+    metrics = {**loop.run_metrics(trainer, len(parts.steps), parts.precision), "pairs": len(parts.train_pairs),
                "first_loss": round(first[2], 6), "train_loss": round(last[2], 6),
                "train_accuracy": round(last[2 + TERMS.index("accuracy")], 6),
                "held_out": held_out_metrics(progress.evals[-1][1]), "beta": spec.beta}
     write_json(ctx.out_dir / "metrics.json", metrics)
-    finish(trainer, checkpoint_folder(ctx.project.cache_dir, ctx.stage.key))
+    loop.finish(trainer, checkpoint_folder(ctx.project.cache_dir, ctx.stage.key))
     # Speed and threads in the manifest only: metrics.json has the same bytes on every rebuild.
     pairs_done = sum(len(group) for _, group in parts.steps[progress.start:])
-    return {**metrics, **run_summary(trainer, progress),
+    return {**metrics, **loop.run_summary(trainer, progress),
             "pairs_per_second": round(pairs_done / progress.seconds, 2) if progress.seconds else None}
 
 

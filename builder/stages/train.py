@@ -17,20 +17,10 @@ from typing import Any
 from builder.errors import StageError
 from builder.files import write_json
 from builder.stages import StageContext
+from builder.train import loop
 from builder.train.adapters import save_adapter
 from builder.train.batches import Batch, draw_epochs, make_batches, read_split
 from builder.train.checkpoints import checkpoint_folder
-from builder.train.loop import (
-    Progress,
-    Schedule,
-    Trainer,
-    finish,
-    run_metrics,
-    run_summary,
-    train_loop,
-    write_curve,
-    write_evals,
-)
 from builder.train.setup import add_neftune, load_model, make_accelerator, make_trainer, pad_token_id, seed_everything
 from builder.train.sft import evaluate_loss, group_steps, padding_report, sft_step, step_tokens
 
@@ -39,7 +29,7 @@ from builder.train.sft import evaluate_loss, group_steps, padding_report, sft_st
 class Components:
     """What setup builds and the loop and save use."""
 
-    trainer: Trainer
+    trainer: loop.Trainer
     precision: str
     tokenizer: Any
     pad_id: int
@@ -80,16 +70,16 @@ def setup(ctx: StageContext) -> Components:
                       sum(len(batches) for batches in epochs))
 
 
-def train(ctx: StageContext, parts: Components) -> Progress:
+def train(ctx: StageContext, parts: Components) -> loop.Progress:
     """The loop (builder/train/loop.py) with SFT's step and eval loss."""
     trainer, spec = parts.trainer, ctx.recipe.train
-    schedule = Schedule(checkpoint_folder(ctx.project.cache_dir, ctx.stage.key), ctx.project.params.checkpoint_steps,
-                        spec.eval_steps)
-    return train_loop(trainer, parts.steps, partial(sft_step, trainer.model, trainer.accelerator),
+    folder = checkpoint_folder(ctx.project.cache_dir, ctx.stage.key)
+    schedule = loop.Schedule(folder, ctx.project.params.checkpoint_steps, spec.eval_steps)
+    return loop.train_loop(trainer, parts.steps, partial(sft_step, trainer.model, trainer.accelerator),
                       partial(evaluate_loss, trainer.model, parts.eval_batches, trainer.accelerator.device), schedule)
 
 
-def save(ctx: StageContext, parts: Components, progress: Progress) -> dict:
+def save(ctx: StageContext, parts: Components, progress: loop.Progress) -> dict:
     """The model (an adapter, or the whole model and its tokenizer), the CSV logs and metrics.json."""
     spec, trainer, out = ctx.recipe.train, parts.trainer, ctx.out_dir
     trainer.accelerator.wait_for_everyone()
@@ -99,21 +89,21 @@ def save(ctx: StageContext, parts: Components, progress: Progress) -> dict:
     else:
         unwrapped.save_pretrained(out, safe_serialization=True)
         parts.tokenizer.save_pretrained(out)
-    write_curve(out / "loss.csv", ("loss",), progress.curve)
-    write_evals(out / "eval.csv", ("eval_loss",), [(s, [loss]) for s, loss in progress.evals if loss is not None])
+    loop.write_curve(out / "loss.csv", ("loss",), progress.curve)
+    loop.write_evals(out / "eval.csv", ("eval_loss",), [(s, [loss]) for s, loss in progress.evals if loss is not None])
     shuffle = ctx.recipe.mixture.order == "shuffle"
     padding = padding_report(parts.train_examples, spec, parts.pad_id, shuffle)  # the first epoch, packed and not
     padding["padding_fraction"] = padding["padding_fraction_packed" if spec.packing else "padding_fraction_unpacked"]
     eval_loss = progress.evals[-1][1]
     tokens_now = sum(step_tokens(batches) for _, batches in parts.steps[progress.start:])  # this run's
-    metrics = {**run_metrics(trainer, len(parts.steps), parts.precision), "micro_batches": parts.micro_batches,
+    metrics = {**loop.run_metrics(trainer, len(parts.steps), parts.precision), "micro_batches": parts.micro_batches,
                "train_loss": round(progress.curve[-1][2], 6),
                "eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
                "train_tokens": sum(step_tokens(batches) for _, batches in parts.steps),
                "tokens_per_second": round(tokens_now / progress.seconds, 1) if progress.seconds else None, **padding}
     write_json(out / "metrics.json", metrics)
-    finish(trainer, checkpoint_folder(ctx.project.cache_dir, ctx.stage.key))
-    return {**metrics, **run_summary(trainer, progress)}
+    loop.finish(trainer, checkpoint_folder(ctx.project.cache_dir, ctx.stage.key))
+    return {**metrics, **loop.run_summary(trainer, progress)}
 
 
 def run(ctx: StageContext) -> dict:
