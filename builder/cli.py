@@ -6,14 +6,19 @@
     tunefile report RECIPE
     tunefile dvc [--check]               tunefile resolve        tunefile vendor
     tunefile doctor                      (does llama-cpp-python run GGUF files on this CPU?)
+    tunefile --version
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 
+from builder import __version__
 from builder.data.preview import preview
 from builder.data.report import format_stats_table
 from builder.engine.build import build_recipe, quant_report, run_dvc_stage, stage_map, stage_status
@@ -25,7 +30,8 @@ from builder.export.vendor import ensure_converter
 from builder.files import write_atomic
 from builder.recipe.project import find_root, load_project, load_standalone
 
-DEBUG_ENV = "TUNEFILE_DEBUG"  # =1: let exceptions through with their traceback
+DEBUG_ENV = "TUNEFILE_DEBUG"  # =1: let exceptions through with their traceback, and third-party noise
+LLAMA_CPP_LOGGER = "llama-cpp-python"  # the logging.Logger whose level llama-cpp-python's log callback reads
 
 
 def _project():
@@ -107,9 +113,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-
     color = sys.stdout.isatty() and not args.no_color
     html_path = Path(args.html) if args.html else None
     print(preview(_project(), args.recipe, n=args.n, html_path=html_path, show_tokens=args.tokens, color=color),
@@ -130,6 +133,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunefile", description="Declarative builds for instruction tuning.")
+    parser.add_argument("--version", action="version", version=f"tunefile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check recipes without building")
     p.add_argument("recipes", nargs="*", help="recipe names or paths (default: params.yaml's list)")
@@ -153,7 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("-n", type=int, default=3, help="examples to show, round-robin over sources (default 3)")
     p.add_argument("--tokens", action="store_true", help="show token boundaries and which tokens carry loss")
-    p.add_argument("--html", metavar="FILE", help="also write a scrollable HTML page")
+    p.add_argument("--html", metavar="FILE", help="write a scrollable HTML page instead of printing")
     p.add_argument("--no-color", action="store_true", help="mark trained text with ⟦ ⟧ instead of colour")
     p.set_defaults(func=cmd_preview)
     p = sub.add_parser("resolve", help="write the spec files dvc.yaml's stages depend on")
@@ -188,11 +192,23 @@ def _silence_stdout() -> None:
         pass
 
 
+def quiet_third_party() -> None:
+    """Silence what libraries print on every stage run and nobody can act on (TUNEFILE_DEBUG=1
+    keeps it): peft reading transformers' deprecated `is_gradient_checkpointing` (a FutureWarning
+    per train, preference and merge), and llama.cpp's loader log on stderr (some 64 lines per
+    quantize@T; llama-cpp-python prints it when its logger is below ERROR, as it is until a model
+    is opened with verbose=False). llama.cpp's errors still print."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger(LLAMA_CPP_LOGGER).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input ends in one `error: ...` line and exit 1, never a traceback
-    (TUNEFILE_DEBUG=1 shows it)."""
+    (TUNEFILE_DEBUG=1 shows it, and the libraries' noise quiet_third_party silences)."""
     args = make_parser().parse_args(argv)
     debug = os.environ.get(DEBUG_ENV) == "1"
+    if not debug:
+        quiet_third_party()
     try:
         code = args.func(args)
         sys.stdout.flush()

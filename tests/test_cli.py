@@ -136,3 +136,86 @@ def test_validate_outside_any_project(tmp_path, capsys, monkeypatch):
     assert "no file matches 'a.jsonl'" in capsys.readouterr().err
     assert main(["plan", "r.yaml"]) == 1  # building needs a project
     assert "no params.yaml" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version(capsys):
+    import re
+
+    from helpers import REPO
+
+    pinned = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"tunefile {pinned}\n"
+
+
+def test_a_recipe_error_names_the_file_as_the_docs_show(tmp_path, monkeypatch, capsys):
+    """docs/recipes.md quotes `tunefile validate recipes/default.yaml` on a misspelt key: the same
+    line, with the project-relative path, is what the command prints."""
+    from helpers import REPO, make_project
+
+    quoted = next(line for line in (REPO / "docs" / "recipes.md").read_text().splitlines()
+                  if line.startswith("error: recipes/default.yaml:"))
+    root = make_project(tmp_path / "p")
+    path = root / "recipes" / "default.yaml"
+    text = path.read_text()
+    assert "  lr: 2.0e-4\n" in text
+    path.write_text(text.replace("  lr: 2.0e-4\n", "  lr: 2.0e-4\n  lrr: 3\n"))
+    monkeypatch.chdir(root)
+    assert main(["validate", "recipes/default.yaml"]) == 1
+    assert capsys.readouterr().err == quoted + "\n"
+
+
+def test_preview_html_writes_the_page_and_prints_one_line(project, capsys):
+    assert main(["preview", "r", "--html", "page.html"]) == 0
+    assert capsys.readouterr().out == "wrote page.html: 3 examples, 0 rejected\n"
+    assert (project / "page.html").read_text().startswith("<!doctype html>")
+
+
+# A stage's run with the libraries' usual noise: peft reading transformers' deprecated
+# is_gradient_checkpointing (train, preference, merge), and llama.cpp's quantizer (quantize@T).
+NOISY_STAGE = """
+import sys
+from pathlib import Path
+
+from builder import cli
+
+
+def noisy_stage(args):
+    import peft
+    import transformers
+
+    from builder.export.doctor import write_tiny_gguf
+    from builder.export.quantize import quantize_file
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    folder = Path(sys.argv[1])
+    write_tiny_gguf(folder / "f16.gguf")
+    quantize_file(folder / "f16.gguf", folder / "q8_0.gguf", "q8_0")
+    print("stage done")
+    return 0
+
+
+cli.cmd_stage = noisy_stage
+sys.exit(cli.main(["stage", "quantize", "r"]))
+"""
+
+
+def test_a_stage_prints_no_third_party_noise_unless_debugging(tmp_path):
+    def stage_stderr(debug: bool) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "TUNEFILE_DEBUG"}
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        if debug:
+            env["TUNEFILE_DEBUG"] = "1"
+        done = subprocess.run([sys.executable, "-c", NOISY_STAGE, str(tmp_path)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout == "stage done\n", done.stderr
+        return done.stderr
+
+    quiet, noisy = stage_stderr(debug=False), stage_stderr(debug=True)
+    assert "is_gradient_checkpointing" not in quiet and "llama_model_loader" not in quiet, quiet
+    assert quiet == ""
+    # The same run under TUNEFILE_DEBUG=1 shows both, so the assertions above can fail.
+    assert "is_gradient_checkpointing" in noisy and "llama_model_loader" in noisy, noisy

@@ -69,6 +69,15 @@ def test_outputs_are_complete(repo):
     assert all(metrics[t]["vs_base"]["perplexity_ratio"] < 1 for t in ("f16", "q8_0", "q4_k_m")), metrics
 
 
+def test_dvc_plots_and_metrics_load_with_no_setup(repo):
+    """A recipe without preference tuning: dvc.yaml declares the preference plots and metrics for
+    every recipe, and their placeholder files (CSV headers, `{}`) load without a warning."""
+    for command in (["dvc", "plots", "show"], ["dvc", "metrics", "show"]):
+        output = sh(repo, *command)
+        assert "WARNING" not in output and "failed to load" not in output, output
+    assert (repo / "build/default/preference/steps.csv").read_text().startswith("step,epoch,loss,")
+
+
 def test_dataset_tokens_and_labels_line_up(repo):
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
@@ -153,7 +162,13 @@ def test_eval_measures_checks_and_tasks_tuned_vs_base(repo):
         assert checks["per_check"]["stops"]["n"] == 12
         assert checks["per_check"]["stops"]["strict"] == round(sum(a["stopped"] for a in prompts) / 12, 4)
         assert checks["stop_prompts"] == len(held) > 0
+        # stopped: ended at <|im_end|>; a stop at EOS (or another token) is counted apart, never as a stop.
+        assert all(a["stopped"] == (a["stopped_at"] == "end_of_turn") for a in answers)
+        assert all((a["stopped_on"] == "<|im_end|>") == a["stopped"] for a in answers)
         assert checks["stop_rate"] == round(sum(a["stopped"] for a in held) / len(held), 4)
+        assert checks["eos_stop_rate"] == round(sum(a["stopped_at"] == "eos" for a in held) / len(held), 4)
+        assert checks["stopped_at"] == {at: sum(a["stopped_at"] == at for a in held)
+                                        for at in ("end_of_turn", "eos", "other", "max_tokens")}
         assert checks["answer_tokens_max"] == max(a["tokens"] for a in prompts) <= 32
         task = m["tasks"]["tunefile_demo_mc"]
         assert task["samples"] == 40 and abs(task["acc"] * 40 - round(task["acc"] * 40)) < 1e-6  # k of 40 questions
@@ -161,6 +176,7 @@ def test_eval_measures_checks_and_tasks_tuned_vs_base(repo):
             versus, base = m["vs_base"], metrics["base"]
             assert versus["stop_rate_base"] == base["checks"]["stop_rate"]
             assert versus["stop_rate_delta"] == round(checks["stop_rate"] - base["checks"]["stop_rate"], 6)
+            assert versus["eos_stop_rate_delta"] == round(checks["eos_stop_rate"] - base["checks"]["eos_stop_rate"], 6)
             assert versus["tasks"]["tunefile_demo_mc"]["acc_delta"] == round(
                 task["acc"] - base["tasks"]["tunefile_demo_mc"]["acc"], 6)
         assert len(answers) - len(prompts) == checks["stop_prompts"]
@@ -307,7 +323,13 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+def commit(repo: Path, message: str) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message)
+
+
 def test_editing_lr_does_not_rebuild_the_dataset(repo):
+    commit(repo, "built")  # what the reverts below must come back to, byte for byte
     edit(repo / "recipes" / "default.yaml", "lr: 2.0e-4", "lr: 1.0e-4")
     output = sh(repo, "dvc", "repro")
     # default-preference reads train's folder: it reruns, and finds no preference section (its placeholder stays).
@@ -322,9 +344,28 @@ def test_reverting_an_edit_restores_without_training(repo, reference):
     plan = sh(repo, "tunefile", "plan", "default")
     assert "train.lr 0.0001 -> 0.0002" in plan
     output = sh(repo, "dvc", "repro")
-    assert "default/train: built" not in output and "default/merge: built" not in output
+    assert "built in" not in output  # DVC's run-cache or the stage store restores every stage
     adapter = "train/adapter_model.safetensors"
     assert (repo / "build/default" / adapter).read_bytes() == (reference / "build/default" / adapter).read_bytes()
+    # Restored folders are the built ones, manifests included: DVC's hashes, and dvc.lock, are as committed.
+    assert sh(repo, "git", "status", "--porcelain") == ""
+    assert (repo / "dvc.lock").read_text() == sh(repo, "git", "show", "HEAD:dvc.lock")
+    assert "up to date" in sh(repo, "dvc", "status")
+
+
+def test_checking_out_an_older_commit_rebuilds_nothing(repo):
+    """A newer commit (lr 1e-4) on a branch, then back to the older one: `dvc repro` restores the
+    older results without building, and git sees no change."""
+    sh(repo, "git", "checkout", "-q", "-b", "newer-lr")
+    edit(repo / "recipes" / "default.yaml", "lr: 2.0e-4", "lr: 1.0e-4")
+    assert "built in" not in sh(repo, "dvc", "repro")  # built by the test above: restored
+    commit(repo, "lr 1e-4")
+    sh(repo, "git", "checkout", "-q", "-")
+    assert "lr: 2.0e-4" in (repo / "recipes" / "default.yaml").read_text()
+    output = sh(repo, "dvc", "repro")
+    assert "built in" not in output, output
+    assert sh(repo, "git", "status", "--porcelain") == ""
+    assert "up to date" in sh(repo, "dvc", "status")
 
 
 def gguf_files(repo: Path) -> dict[str, tuple[int, int]]:

@@ -2,15 +2,17 @@
 characters highlighted, so a person sees what the model will learn before anything is built.
 
     print(preview(project, "default", n=3))                          # terminal (ANSI colour)
-    preview(project, "default", n=20, html_path=Path("p.html"))      # a page to scroll
+    preview(project, "default", n=20, html_path=Path("p.html"))      # a page to scroll (returns "wrote p.html ...")
     preview(project, "default", show_tokens=True)                    # token boundaries and labels
 
-Examples are taken round-robin from the sources in recipe order (every source shows up) and built
-by the dataset stage's own function (builder.data.shards.examples_of): quality filters, system prompt,
-template, no_end_of_turn policy, tokens and token filters, so a row the build would drop shows
-as REJECTED with its reason. The base tokenizer comes from the built base stage (or a local
-model folder, or the builtin model made in-process). With show_tokens each token is shown with
-whether it carries loss, exactly as the dataset stage labels it.
+Rows are taken round-robin from the sources in recipe order (every source shows up), each source's
+in file order; a malformed row (bad_json, missing_field, empty_response, ...) shows as REJECTED
+with its reason in its place. The others are built by the dataset stage's own function
+(builder.data.shards.examples_of): quality filters, system prompt, template, no_end_of_turn policy,
+tokens and token filters, so a row the build would drop shows as REJECTED with its reason too.
+The base tokenizer comes from the built base stage (or a local model folder, or the builtin model
+made in-process). With show_tokens each token is shown with whether it carries loss, exactly as
+the dataset stage labels it.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from pathlib import Path
 
 from builder.data.records import Conversation
 from builder.data.shards import examples_of, shard_settings
-from builder.data.sources import Reject, read_source
+from builder.data.sources import Reject, read_source_rows
 from builder.data.tokenizer import load_tokenizer as load_built_tokenizer
 from builder.errors import TunefileError
+from builder.files import write_atomic
 from builder.models import BUILTIN_MODELS
 from builder.models.tiny_llama import train_tokenizer
 from builder.recipe.project import Project
@@ -39,7 +42,7 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ mark trained text where there is no 
 
 @dataclass(frozen=True)
 class Shown:
-    conversation: Conversation
+    row: Conversation | Reject  # where it comes from (source, file, row), and what was read
     text: str
     trained_spans: list[tuple[int, int]]
     tokens: list[tuple[int, int, int, bool]] | None  # (start, end, id, trained) with show_tokens
@@ -47,10 +50,11 @@ class Shown:
     appended: tuple[tuple[int, int], ...] = ()  # text tunefile added (EOS after answers, no_end_of_turn)
 
 
-def pick_conversations(project: Project, recipe: Recipe, n: int) -> list[Conversation]:
-    """The first n conversations, round-robin over the sources, as read (the build adds the system prompt)."""
-    pools = [read_source(spec, project.root)[0] for spec in project.readable_sources(recipe)]
-    picked: list[Conversation] = []
+def pick_rows(project: Project, recipe: Recipe, n: int) -> list[Conversation | Reject]:
+    """The first n rows, round-robin over the sources, as read: a conversation (the build adds the
+    system prompt) or a malformed row's Reject."""
+    pools = [read_source_rows(spec, project.root) for spec in project.readable_sources(recipe)]
+    picked: list[Conversation | Reject] = []
     for i in range(max((len(p) for p in pools), default=0)):
         for pool in pools:
             if i < len(pool) and len(picked) < n:
@@ -85,20 +89,21 @@ def render_examples(project: Project, recipe: Recipe, n: int, show_tokens: bool)
     template = read_template(recipe.template, project.root, base_dir)
     tokenizer = load_tokenizer(project, recipe)
     variables = template_tokens(tokenizer)
-    picked = pick_conversations(project, recipe, n)
+    picked = pick_rows(project, recipe, n)
     # The dataset stage's own path from conversations to examples: filters, system prompt,
     # template, no_end_of_turn policy, tokens and token filters (dedup and mixing aside).
     built: dict[tuple[str, str, int], object] = {}
     for spec in project.readable_sources(recipe):
         settings = shard_settings(recipe, spec, template, base_dir, project.cache_dir, "", {})
-        examples, rejects = examples_of(settings, [c for c in picked if c.source == spec.name], tokenizer)
+        conversations = [c for c in picked if c.source == spec.name and isinstance(c, Conversation)]
+        examples, rejects = examples_of(settings, conversations, tokenizer)
         built.update(((c.source, c.file, c.row), c) for c in examples.conversations)
         built.update(((r.source, r.file, r.row), r) for r in rejects)
     shown = []
-    for conversation in picked:
-        result = built[(conversation.source, conversation.file, conversation.row)]
+    for row in picked:
+        result = row if isinstance(row, Reject) else built[(row.source, row.file, row.row)]
         if isinstance(result, Reject):
-            shown.append(Shown(conversation, "", [], None, f"{result.reason}: {result.detail}"))
+            shown.append(Shown(row, "", [], None, f"{result.reason}: {result.detail}"))
             continue
         # The accepted example as the conversation it is trained on, shown with its characters and
         # tokens (tokenize_chat: the one-conversation form of the batch path, tested equal to it).
@@ -134,8 +139,8 @@ def _visible(text: str, tokens: bool) -> str:
 
 
 def _header(index: int, total: int, item: Shown) -> str:
-    conv = item.conversation
-    where = f"{conv.source} row {conv.row}" + (f" ({conv.file})" if conv.file else "")
+    row = item.row
+    where = f"{row.source} row {row.row}" + (f" ({row.file})" if row.file else "")
     if item.error:
         return f"── example {index}/{total} · {where} · REJECTED {item.error}"
     trained = sum(end - start for start, end in item.trained_spans)
@@ -218,7 +223,8 @@ def format_html(recipe: Recipe, marker: str, shown: list[Shown]) -> str:
 
 def preview(project: Project, recipe_name: str, n: int = 3, html_path: Path | None = None,
             show_tokens: bool = False, color: bool = True) -> str:
-    """The terminal text for the recipe's first n examples; also writes an HTML page to html_path."""
+    """The terminal text for the recipe's first n examples; with html_path, an HTML page written
+    there instead, and one line saying where."""
     if n < 1:
         raise TunefileError(f"-n {n}: show at least one example")
     recipe = project.load_recipe(recipe_name)
@@ -230,8 +236,8 @@ def preview(project: Project, recipe_name: str, n: int = 3, html_path: Path | No
             else "none; kept as is: the model will not learn to stop")
     except TemplateError as exc:
         marker = f"(none: {exc})"
-    text = format_terminal(recipe, marker, shown, color)
-    if html_path is not None:
-        html_path.write_text(format_html(recipe, marker, shown), encoding="utf-8")
-        text += f"wrote {html_path}\n"
-    return text
+    if html_path is None:
+        return format_terminal(recipe, marker, shown, color)
+    write_atomic(html_path, format_html(recipe, marker, shown))
+    rejected = sum(item.error is not None for item in shown)
+    return f"wrote {html_path}: {len(shown)} examples, {rejected} rejected\n"

@@ -6,6 +6,9 @@
     print(format_stats_table(stats, color=True))        # one row per source and a total row
     write_mixture_png(stats, Path("mixture.png"))      # shares of examples/tokens, length histogram
 
+Each dropped row is counted in one column: `rejected` (malformed rows and the template's refusals,
+with their top reasons), `dedup` (duplicate, near_duplicate) or `filtered` (quality filters,
+too_long, decontaminated); "rejects by reason" below the table lists every reason of all three.
 Older stats.json files lack some keys (rows, malformed, deduplicated, filtered, mean_tokens,
 max_tokens, length_histogram, order): their cells show "-" and the histogram panel is left out.
 Output is deterministic: the same stats give the same text and the same PNG bytes. The eval
@@ -100,8 +103,13 @@ def format_stats_table(stats: dict, color: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _not_deliberate(rejected: dict[str, int]) -> dict[str, int]:
+    """The reasons of the `rejected` column: deliberate drops have their own columns (dedup, filtered)."""
+    return {reason: n for reason, n in rejected.items() if reason not in DELIBERATE}
+
+
 def _source_cells(name: str, s: dict, sources: list[dict]) -> list[str]:
-    rejected = s.get("rejected", {})
+    rejected = _not_deliberate(s.get("rejected", {}))
     sampled = s.get("sampled", 0)
     mean_max = MISSING
     if sampled and "mean_tokens" in s and "max_tokens" in s:
@@ -128,6 +136,7 @@ def _total_cells(sources: list[dict]) -> list[str]:
         # the mean over all train examples: each source's mean weighted by its examples
         mean = sum(s["mean_tokens"] * s.get("sampled", 0) for s in sources) / sampled
         mean_max = f"{mean:.1f}/{max(s['max_tokens'] for s in sources if s.get('sampled')):,}"
+    rejected = _not_deliberate(rejected)
     return ["total", _count(_total(sources, "rows")), _count(sum(rejected.values())),
             _format_reasons(sorted_reasons(rejected)[:TOP_REASONS]) or MISSING,
             _count(_total(sources, "deduplicated")), _count(_total(sources, "filtered")),

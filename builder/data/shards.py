@@ -42,7 +42,8 @@ from builder.store import StageStore
 if TYPE_CHECKING:  # numpy is imported where it is used: validate and plan never need it
     import numpy as np
 
-SHARD_VERSION = 4  # bump when a chunk's content changes for the same inputs
+SHARD_VERSION = 5  # bump when a chunk's content changes for the same inputs (5: a bad_json reject's
+                   # detail names the column within the row, "not JSON: ... at column N")
 CHUNK_ROWS = 2000
 NAMESPACE = "chunks"
 

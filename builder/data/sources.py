@@ -40,11 +40,12 @@ class Reject:
 
 
 def parse_jsonl_lines(lines: Iterable[bytes], first: int = 1) -> Iterator[tuple[int, object]]:
-    """Numbered rows of raw .jsonl lines (files.parse_jsonl), a bad line as a RowError to reject.
-    A bad_json row's detail is json's own message: stored rejects (chunks, rejects.jsonl) hold it."""
+    """Numbered rows of raw .jsonl lines (files.parse_jsonl), a bad line as a RowError to reject,
+    its detail in files.parse_jsonl's words: the column within the row (the row number is the
+    line). Stored rejects (chunks, rejects.jsonl) hold the detail: shards.SHARD_VERSION moves with it."""
     for number, value in parse_jsonl(lines, first):
         if isinstance(value, LineProblem):
-            value = RowError(value.reason, str(value.error) if value.reason == "bad_json" else value.detail)
+            value = RowError(value.reason, value.detail)
         yield number, value
 
 
@@ -214,6 +215,17 @@ def read_source(spec: SourceSpec, root: Path) -> tuple[list[Conversation], list[
         rejects += bad
         rows += n
     return conversations, rejects, rows
+
+
+def read_source_rows(spec: SourceSpec, root: Path) -> list[Conversation | Reject]:
+    """The source's rows in file order, each as its conversations or as its Reject (what
+    `tunefile preview` shows: a malformed row in its place, with its reason)."""
+    rows: list[Conversation | Reject] = []
+    for rel, numbered in _row_groups(spec, root):
+        conversations, rejects, _ = to_conversations(spec, rel, numbered)
+        # sorted is stable: the conversations of one row (self_instruct) keep their order
+        rows += sorted([*conversations, *rejects], key=lambda item: item.row)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from builder.engine.plan import explain_changes, members, plan_stages
-from builder.engine.runner import is_built, read_manifest, recipe_lock, run_stage
+from builder.engine.runner import MANIFEST, is_built, publish, read_manifest, recipe_lock, run_stage
 from builder.errors import TunefileError
 from builder.evaluate.summary import eval_metrics, read_metrics, write_eval_summary
 from builder.files import write_json
 from builder.recipe.project import Project
 from builder.recipe.schema import Recipe
 from builder.stages import KINDS, Stage
+from builder.train.dpo import EVAL_TERMS, TERMS
+from builder.train.loop import write_curve, write_evals
 
 Say = Callable[[str], None]
 
@@ -53,11 +55,13 @@ def stage_status(project: Project, stage: Stage) -> str:
     return "stale: " + ("; ".join(changes) if changes else "key changed")
 
 
-def done_line(recipe: str, stage: str, manifest: dict) -> str | None:
-    if manifest.get("worker") or manifest.get("launched"):  # rank 0 of a multi-process train reports
+def done_line(recipe: str, stage: str, run: dict) -> str | None:
+    """What `tunefile build` and `tunefile stage` print for a stage that ran (run_stage's record, as
+    the run log has it)."""
+    if run.get("worker") or run.get("launched"):  # rank 0 of a multi-process train reports
         return None
-    how = "restored from the stage store" if manifest["restored_from_store"] else "built"
-    return f"{recipe}/{stage}: {how} in {manifest['seconds']:.1f}s"
+    how = "restored from the stage store" if run["result"] == "restored" else "built"
+    return f"{recipe}/{stage}: {how} in {run['seconds']:.1f}s"
 
 
 def _targets(plan: dict[str, Stage], recipe: Recipe, until: str | None) -> list[str]:
@@ -129,17 +133,13 @@ def _tidy(project: Project, recipe: Recipe, kind: str, plan: dict[str, Stage], s
             _link_generated(project, recipe, group)
         # An empty folder is no DVC out: a recipe without stages of this kind gets a placeholder.
         if not group and read_manifest(folder) != _placeholder(recipe, kind):
-            write_json(folder / "manifest.json", _placeholder(recipe, kind))
-        elif group and (folder / "manifest.json").is_file():
-            (folder / "manifest.json").unlink()
+            write_json(folder / MANIFEST, _placeholder(recipe, kind))
+        elif group and (folder / MANIFEST).is_file():
+            (folder / MANIFEST).unlink()
         if kind == "eval":
             write_eval_summary(folder, *_eval_folders(project, plan))
     elif not group:
-        if read_manifest(folder) != _placeholder(recipe, kind):
-            shutil.rmtree(folder, ignore_errors=True)
-            write_json(folder / "manifest.json", _placeholder(recipe, kind))
-            if kind == "preference":  # dvc.yaml lists its metrics for every recipe
-                write_json(folder / "metrics.json", {})
+        _write_placeholder(folder, recipe, kind)
 
 
 def _placeholder(recipe: Recipe, kind: str) -> dict:
@@ -148,6 +148,37 @@ def _placeholder(recipe: Recipe, kind: str) -> dict:
     where = "" if KINDS[kind].grouped else f" (see its {section} section)"
     return {"recipe": recipe.name, "stage": kind, "key": None,
             "not_built": f"{recipe.name} builds no {kind} stage{where}"}
+
+
+def _write_placeholder(folder: Path, recipe: Recipe, kind: str) -> None:
+    """A kind the recipe does not build: its folder holds the placeholder manifest and, for preference,
+    the files dvc.yaml declares for every recipe, empty but valid (metrics.json `{}`, steps.csv and
+    eval.csv with their header alone), so `dvc metrics show` and `dvc plots show` load them without a
+    warning. Left untouched when it already holds exactly these files (no new bytes for DVC)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if kind == "preference":  # the columns the preference stage writes (builder.train.loop)
+        write_json(tmp / "metrics.json", {})
+        write_curve(tmp / "steps.csv", TERMS, [])
+        write_evals(tmp / "eval.csv", EVAL_TERMS, [])
+    write_json(tmp / MANIFEST, _placeholder(recipe, kind))
+    if _same_files(tmp, folder):
+        shutil.rmtree(tmp)
+    else:
+        publish(tmp, folder)
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir() or folder.is_symlink():
+        return {}
+    return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether folders a and b hold the same files with the same bytes."""
+    mine, theirs = _files(a), _files(b)
+    return mine.keys() == theirs.keys() and all(mine[n].read_bytes() == theirs[n].read_bytes() for n in mine)
 
 
 def _link_generated(project: Project, recipe: Recipe, group: list[Stage]) -> None:

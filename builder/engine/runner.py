@@ -4,6 +4,12 @@ Each stage module has `run(ctx) -> dict`; heavy libraries are imported inside it
 without manifest.json is not a result; a folder whose manifest key differs from the plan is stale.
 A stage whose key is in the stage store (built before, by this or another recipe) is restored
 from there instead of run. One build of a recipe at a time: a lock file says who holds it.
+
+The manifest records only what follows from the stage's inputs and the build that made its files
+(key, inputs, the stage's summary as built, tunefile and Python versions): a folder restored from
+the store is the built folder, manifest included, byte for byte, so reverting an edit leaves
+DVC's hashes and dvc.lock as they were. How a run went (built or restored, seconds, when) goes to
+the run log, outside the DVC outputs: <cache_dir>/runs/<recipe>/<stage>.json.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import platform
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 from builder import __version__
@@ -28,9 +35,8 @@ from builder.stages import KINDS, Stage, StageContext
 from builder.store import StageStore
 
 MANIFEST = "manifest.json"
+RUNS = "runs"  # <cache_dir>/runs/<recipe>/<stage>.json: the run log
 _HELD_LOCKS: dict[str, int] = {}  # lock path -> depth, so a build can run stages under its own lock
-
-
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -71,7 +77,7 @@ def remove_abandoned(out: Path) -> list[Path]:
     return removed
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Path) -> None:
     """Swap tmp into out's place; at no point does an incomplete folder sit at `out`."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists() or out.is_symlink():
@@ -123,11 +129,47 @@ def recipe_lock(project: Project, recipe: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _launched_manifest(project: Project, stage: Stage) -> dict:
+def make_manifest(recipe: Recipe, stage: Stage, summary: dict | None) -> dict:
+    """What a built stage folder records: no clock and no word on where it came from, so the same
+    build restored later has the same bytes."""
+    return {"recipe": recipe.name, "stage": stage.name, "key": stage.key, "inputs": stage.inputs,
+            "summary": summary or {}, "tunefile": __version__, "python": platform.python_version()}
+
+
+def _restored_manifest(folder: Path, recipe: Recipe, stage: Stage) -> None:
+    """Keep the stored manifest as it was built (the same bytes, the same hard link); a stage another
+    recipe built with the same key gets this recipe's and stage's names."""
+    stored = read_manifest(folder)
+    if stored is None or stored.get("key") != stage.key:  # an entry stored without its manifest
+        manifest = make_manifest(recipe, stage, (stored or {}).get("summary"))
+    else:
+        manifest = {**stored, "recipe": recipe.name, "stage": stage.name}
+    if manifest != stored:
+        write_json(folder / MANIFEST, manifest)
+
+
+def run_log_path(project: Project, recipe: str, stage: str) -> Path:
+    return project.cache_dir / RUNS / recipe / f"{stage}.json"
+
+
+def read_run(project: Project, recipe: str, stage: str) -> dict | None:
+    """The stage's last run as the run log has it: result (built/restored), seconds, when; None if none."""
+    return read_json(run_log_path(project, recipe, stage), default=None)
+
+
+def _log_run(project: Project, stage: Stage, result: str, started: float) -> dict:
+    run = {"recipe": stage.recipe, "stage": stage.name, "key": stage.key, "result": result,
+           "seconds": round(time.time() - started, 3),
+           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(run_log_path(project, stage.recipe, stage.name), run)
+    return run
+
+
+def _launched_run(project: Project, stage: Stage) -> dict:
     manifest = read_manifest(project.stage_dir(stage.recipe, stage.name))
     if manifest is None or manifest.get("key") != stage.key:
         raise StageError(f"{stage.recipe}/{stage.name}: accelerate launch finished but published no result")
-    return {**manifest, "launched": True}  # its rank 0 has reported it
+    return {**(read_run(project, stage.recipe, stage.name) or {}), "launched": True}  # its rank 0 has reported it
 
 
 def distributed_rank() -> int | None:
@@ -149,10 +191,29 @@ def run_worker(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, S
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _check_upstream(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, Stage]) -> None:
+    for name in stage.upstream:
+        if not is_built(project, plan[name]):
+            raise StageError(f"{recipe.name}/{stage.name} needs {name}, which is not built or is stale; "
+                             f"run `tunefile build {recipe.name} --until {stage.name}`")
+
+
+def _fresh_tmp(out: Path) -> Path:
+    """An empty temp folder beside `out` (build/<recipe>/.<stage>.tmp-<pid>), dead builds' leftovers gone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, Stage]) -> dict:
     """Build `stage` from its (already built) upstream stages, or restore it from the stage
-    store when its key was built before; return its manifest. Under a multi-process launch
-    every rank trains; only rank 0 publishes, and nothing is restored (all ranks must train)."""
+    store when its key was built before; return how it went (the run log's record). Under a
+    multi-process launch every rank trains; only rank 0 publishes, and nothing is restored (all
+    ranks must train)."""
     rank = distributed_rank()
     if rank is not None and not KINDS[stage.kind].trains:
         raise StageError(f"only the train and preference stages run under a multi-process launch; run {stage.name} "
@@ -160,46 +221,27 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
     if rank:
         return run_worker(project, recipe, stage, plan)
     with recipe_lock(project, recipe.name):
-        for name in stage.upstream:
-            if not is_built(project, plan[name]):
-                raise StageError(f"{recipe.name}/{stage.name} needs {name}, which is not built or is stale; "
-                                 f"run `tunefile build {recipe.name} --until {stage.name}`")
+        _check_upstream(project, recipe, stage, plan)
         out = project.stage_dir(recipe.name, stage.name)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp = _fresh_tmp(out)
         store = StageStore(project.cache_dir)
         started = time.time()
         try:
             restored = rank is None and store.get(stage.key, tmp)
             if restored:
-                summary = (read_manifest(tmp) or {}).get("summary", {})
+                _restored_manifest(tmp, recipe, stage)
             elif KINDS[stage.kind].trains and wants_launch(project):
                 shutil.rmtree(tmp)  # rank 0 of the launch writes and publishes its own
                 run_launched(project, recipe.name, stage.kind, str(lock_path(project, recipe.name)))
-                return _launched_manifest(project, stage)
+                return _launched_run(project, stage)
             else:
                 module = importlib.import_module(f"builder.stages.{KINDS[stage.kind].module}")
                 summary = module.run(StageContext(project, recipe, stage, plan, tmp))
+                write_json(tmp / MANIFEST, make_manifest(recipe, stage, summary))  # last: the folder is a result
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        manifest = {
-            "recipe": recipe.name,
-            "stage": stage.name,
-            "key": stage.key,
-            "inputs": stage.inputs,
-            "summary": summary or {},
-            "restored_from_store": restored,
-            "tunefile": __version__,
-            "python": platform.python_version(),
-            "seconds": round(time.time() - started, 3),
-        }
-        write_json(tmp / MANIFEST, manifest)
-        _publish(tmp, out)
+        publish(tmp, out)
         if not restored:
             store.put(stage.key, out)
-        return manifest
+        return _log_run(project, stage, "restored" if restored else "built", started)

@@ -17,7 +17,7 @@ from builder.hashing import hash_value
 from builder.store import StageStore
 from builder.versions import library_version
 
-BASE_GGUF_VERSION = 1  # bump when the base GGUF's bytes change on purpose
+BASE_GGUF_VERSION = 2  # bump when the base GGUF's bytes change on purpose
 
 
 def base_gguf_key(base_key: str, dtype: str) -> str:

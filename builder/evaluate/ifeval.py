@@ -15,8 +15,9 @@ Checks (arguments in brackets):
 - `lowercase`: no uppercase letter;
 - `bullets` [count]: exactly `count` lines start with `* `, `- ` or `+ ` (markdown bullets);
 - `ends_with` [phrase]: the answer ends with the phrase (trailing whitespace ignored);
-- `stops`: generation ended at the end-of-turn marker within max_tokens. Every prompt also gets
-  this check implicitly.
+- `stops`: generation ended at the template's end-of-turn marker (`<|im_end|>`) within max_tokens;
+  ending at EOS, or at another token llama.cpp stops on, does not pass (`stopped_at` in
+  builder/evaluate/answers.py says where). Every prompt also gets this check implicitly.
 
 Strict: the check on the answer as generated. Loose (as IFEval's): the check passes on any of the
 answer's variants with its first line, its last line, or both removed, and with markdown `*`
@@ -132,8 +133,8 @@ def loose_variants(text: str) -> list[str]:
 
 
 def passes(constraint: dict, text: str, stopped: bool) -> tuple[bool, bool]:
-    """(strict, loose) verdicts of one constraint on one answer; an empty answer (or variant)
-    follows no instruction, as in IFEval."""
+    """(strict, loose) verdicts of one constraint on one answer (`stopped`: it ended at the
+    end-of-turn marker); an empty answer (or variant) follows no instruction, as in IFEval."""
     if constraint["check"] == "stops":
         return stopped, stopped
     check = CHECKS[constraint["check"]]

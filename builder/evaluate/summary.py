@@ -28,7 +28,7 @@ from builder.data.report import (
 from builder.files import read_json, write_atomic, write_json
 
 BASE_GREY = (150, 150, 150)  # the base model's bars; tuned files take the palette's colours
-CHECK_DELTAS = ("stop_rate", "prompt_strict", "prompt_loose", "constraint_strict", "constraint_loose",
+CHECK_DELTAS = ("stop_rate", "eos_stop_rate", "prompt_strict", "prompt_loose", "constraint_strict", "constraint_loose",
                 "answer_tokens_mean")
 
 
@@ -91,13 +91,15 @@ def write_eval_summary(folder: Path, evals: dict[str, Path], preference: Path | 
 
 def eval_panels(metrics: dict[str, dict]) -> list[tuple[str, dict[str, float]]]:
     """(title, {type: value}) for each number eval/metrics.json holds for every type: perplexity,
-    the stop rate, the instruction-following rates and each task metric."""
+    the stop rate (at the end-of-turn marker) and the EOS stop rate, the instruction-following
+    rates and each task metric."""
     def value(m: dict, path: tuple) -> float | None:
         for key in path:
             m = m.get(key) if isinstance(m, dict) else None
         return m if isinstance(m, (int, float)) and not isinstance(m, bool) else None
 
     paths = [("perplexity (assistant tokens)", ("perplexity",)), ("stop rate", ("checks", "stop_rate")),
+             ("stops at EOS, not at the end of turn", ("checks", "eos_stop_rate")),
              ("instructions followed, strict (prompts)", ("checks", "prompt_strict")),
              ("constraints met, strict", ("checks", "constraint_strict"))]
     tasks = sorted({t for m in metrics.values() for t in (m.get("tasks") or {})})
@@ -149,7 +151,7 @@ def format_quant_table(train: dict | None, evals: dict[str, dict]) -> str:
                      f"({train.get('precision', '-')}), padding {_percent(train.get('padding_fraction'))}")
     tasks = sorted({t for m in evals.values() for t in (m.get("tasks") or {})})
     judged = any(m.get("judge") for m in evals.values())
-    header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "stop rate", "IF strict",
+    header = ("gguf", "MiB", "perplexity", "vs base", "vs first", "stop rate", "EOS stops", "IF strict",
               *(f"{t} acc" for t in tasks), *(("judge win vs base",) if judged else ()), "gen tok/s", "template")
     first = next((m.get("perplexity") for n, m in evals.items() if n != "base" and m.get("perplexity")), None)
     rows = [_quant_row(name, metrics, tasks, judged, first) for name, metrics in evals.items()]
@@ -173,6 +175,7 @@ def _quant_row(name: str, metrics: dict, tasks: list[str], judged: bool, first: 
             MISSING if vs_base is None else f"{vs_base:.4f}x",
             MISSING if not (ppl and first) or name == "base" else f"{ppl / first:.4f}x",
             _with_delta(instructions.get("stop_rate"), versus.get("stop_rate_delta")),
+            _with_delta(instructions.get("eos_stop_rate"), versus.get("eos_stop_rate_delta")),
             _with_delta(instructions.get("prompt_strict"), versus.get("prompt_strict_delta")), *scores,
             *((_win(metrics.get("judge")),) if judged else ()),
             str(metrics.get("generation_tokens_per_second", MISSING)),

@@ -1,4 +1,4 @@
-"""HF -> GGUF: llama.cpp's convert_hf_to_gguf.py, run in a subprocess with two additions.
+"""HF -> GGUF: llama.cpp's convert_hf_to_gguf.py, run in a subprocess with three additions.
 
     convert_model(recipe, merge_dir, out_dir / gguf_name("f16"), "f16", recipe.name, lineage_metadata(recipe, keys))
 
@@ -10,6 +10,9 @@ runs this module as
    known models) gets the pre-tokenizer named in LINEAGE_JSON["pre_tokenizer"] instead of an
    error; tunefile's builtin tokenizers split exactly like llama.cpp's `gpt-2` one.
 2. Every string in LINEAGE_JSON["metadata"] is written as a GGUF key (lineage: recipe, keys).
+3. LINEAGE_JSON["eot_token_id"], the token that closes an answer in the folder's chat template
+   (`<|im_end|>` for ChatML), is written as `tokenizer.ggml.eot_token_id`, so llama.cpp stops
+   there because the file says so, not because it guessed the token from its name.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from builder import __version__
 from builder.errors import StageError
 from builder.export.vendor import ensure_converter
 from builder.files import read_json, write_json
+from builder.templates import end_of_turn_markers, saved_chat_template, special_tokens
 
 # tunefile's builtin tokenizers are byte-level BPEs with GPT-2's split; the converter only knows
 # tokenizers of published models by fingerprint, so it is told which pre-tokenizer to use.
@@ -53,11 +57,40 @@ def lineage_metadata(recipe, keys: dict[str, str]) -> dict[str, str]:
     }
 
 
+def added_token_ids(model_dir: Path) -> dict[str, int]:
+    """The added (special) tokens of the tokenizer.json in `model_dir`, text -> id; {} without one."""
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return {}
+    return {t["content"]: t["id"] for t in read_json(tokenizer_file).get("added_tokens", [])}
+
+
+def end_of_turn_ids(model_dir: Path) -> list[int]:
+    """The ids of the tokens that close an answer in the chat template saved in `model_dir`: the
+    one after the final answer first, then the one after earlier answers where it differs
+    (`[4]` for ChatML's `<|im_end|>` in the builtin tokenizer; EOS's id for a template that closes
+    answers with EOS). [] without a template, for a template with no end-of-turn token (its
+    answers end at EOS, or at the next turn's opener), or for a marker that is not one added token."""
+    template = saved_chat_template(model_dir)
+    if not template:
+        return []
+    specials = special_tokens(model_dir)
+    markers = end_of_turn_markers(template, bos_token=specials.get("bos_token"), eos_token=specials.get("eos_token"))
+    if not markers.has_token:
+        return []
+    ids = added_token_ids(model_dir)
+    return [ids[text] for text in dict.fromkeys([markers.final.strip(), markers.middle.strip()]) if text in ids]
+
+
 def convert_model(recipe, model_dir: Path, out: Path, dtype: str, name: str, metadata: dict) -> None:
-    """llama.cpp's converter on an HF folder, with tunefile's lineage keys (and the builtin
-    tokenizers' pre-tokenizer) added; `out` is written or StageError says why not."""
+    """llama.cpp's converter on an HF folder, with tunefile's lineage keys, the chat template's
+    end-of-turn token id (and the builtin tokenizers' pre-tokenizer) added; `out` is written or
+    StageError says why not."""
     converter = ensure_converter()
-    lineage = {"metadata": metadata,
+    # EOS is an end-of-generation token already; the end-of-turn key names the one that is not.
+    eos = added_token_ids(model_dir).get(special_tokens(model_dir).get("eos_token", ""))
+    eot = next((i for i in end_of_turn_ids(model_dir) if i != eos), None)
+    lineage = {"metadata": metadata, "eot_token_id": eot,
                "pre_tokenizer": BUILTIN_PRE_TOKENIZER if recipe.base.ref.builtin is not None else None}
     lineage_file = out.with_name(f".{out.name}.lineage.json")  # read by the converter, removed after
     write_json(lineage_file, lineage)
@@ -78,6 +111,7 @@ def main() -> None:
     # The vendored gguf-py must win over any installed gguf: it matches the converter.
     sys.path[:0] = [str(Path(converter) / "gguf-py"), converter]
     from conversion.base import TextModel
+    from gguf.vocab import SpecialVocab
 
     recognise = TextModel.get_vocab_base_pre
     fallback = lineage.get("pre_tokenizer")
@@ -97,8 +131,17 @@ def main() -> None:
         for key, value in sorted(lineage.get("metadata", {}).items()):
             self.gguf_writer.add_string(key, value)
 
+    add_to_gguf = SpecialVocab.add_to_gguf
+    eot = lineage.get("eot_token_id")
+
+    def add_special_tokens(self, writer, quiet: bool = False) -> None:
+        if eot is not None:  # written with the other special token ids, in their order
+            self.special_token_ids["eot"] = eot
+        add_to_gguf(self, writer, quiet)
+
     TextModel.get_vocab_base_pre = get_vocab_base_pre
     TextModel.set_gguf_parameters = set_gguf_parameters
+    SpecialVocab.add_to_gguf = add_special_tokens
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", *args]

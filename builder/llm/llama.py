@@ -4,7 +4,7 @@ batched scoring and greedy generation, several sequences per llama_decode.
     prompt, tokens = format_chat(llm, template, messages, add_generation_prompt=True)
     scorer = BatchScorer(llm)        # [(log P(tokens[first:] | tokens[:first]), greedy?)]
     scores = scorer.score([(tokens, first), ...]); scorer.close()
-    generator = BatchGenerator(llm)  # [{text, tokens, stopped}], what create_completion gives at temperature 0
+    generator = BatchGenerator(llm)  # [{text, tokens, stopped, stopped_on}]: create_completion's at temperature 0
     answers = generator.generate([prompt_tokens, ...], [stop_texts, ...], max_tokens); generator.close()
 
 llama_cpp and numpy are imported where they are used, so importing this module costs nothing.
@@ -102,7 +102,8 @@ class BatchGenerator(BatchScorer):
     each prompt its own seq_id, then one token per live sequence per decode. A sequence ends at an
     end-of-generation token (stopped), at one of its stop texts (stopped; the text is cut there)
     or after max_tokens (not stopped): what create_completion does with temperature 0, one
-    sequence at a time."""
+    sequence at a time. `stopped_on` says what ended it, which create_completion does not: the
+    end-of-generation token's text (`<|im_end|>`, `</s>`), the stop text, or None (max_tokens)."""
 
     def generate(self, prompts: list[list[int]], stops: list[list[str]], max_tokens: int) -> list[dict]:
         results: list = [None] * len(prompts)
@@ -115,7 +116,7 @@ class BatchGenerator(BatchScorer):
                 group.append(order.pop(0))
             if not group:  # one prompt longer than the context: generate nothing, as llama.cpp would refuse
                 k = order.pop(0)
-                results[k] = {"text": "", "tokens": 0, "stopped": False}
+                results[k] = {"text": "", "tokens": 0, "stopped": False, "stopped_on": None}
                 continue
             made = self._group([prompts[k] for k in group], [stops[k] for k in group], max_tokens)
             for k, result in zip(group, made):
@@ -141,14 +142,12 @@ class BatchGenerator(BatchScorer):
             for row, seq in enumerate(live):
                 token = int(np.argmax(logits[row]))
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    done[seq] = self._result(out[seq], stops[seq], stopped=True)
+                    done[seq] = self._result(out[seq], stops[seq], eog=token_text(self.llm, token))
                     continue
                 out[seq].append(token)
                 text = self._text(out[seq])
-                if any(stop in text for stop in stops[seq]):
-                    done[seq] = self._result(out[seq], stops[seq], stopped=True)
-                elif len(out[seq]) >= max_tokens:
-                    done[seq] = self._result(out[seq], stops[seq], stopped=False)
+                if any(stop in text for stop in stops[seq]) or len(out[seq]) >= max_tokens:
+                    done[seq] = self._result(out[seq], stops[seq])
                 else:
                     nexts.append(seq)
             live = nexts
@@ -169,7 +168,11 @@ class BatchGenerator(BatchScorer):
     def _text(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
 
-    def _result(self, tokens: list[int], stops: list[str], stopped: bool) -> dict:
+    def _result(self, tokens: list[int], stops: list[str], eog: str | None = None) -> dict:
+        """The answer, cut at its first stop text. It stopped on the end-of-generation token `eog`,
+        else on that stop text, else (neither: max_tokens) not at all."""
         text = self._text(tokens)
-        cuts = [text.index(stop) for stop in stops if stop in text]
-        return {"text": text[:min(cuts)] if cuts else text, "tokens": len(tokens), "stopped": stopped}
+        cuts = sorted((text.index(stop), stop) for stop in stops if stop in text)
+        stopped_on = eog if eog is not None else cuts[0][1] if cuts else None
+        return {"text": text[:cuts[0][0]] if cuts else text, "tokens": len(tokens),
+                "stopped": stopped_on is not None, "stopped_on": stopped_on}

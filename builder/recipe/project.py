@@ -156,7 +156,7 @@ def load_project(root: Path | None = None) -> Project:
             raise RecipeError([f"no {PARAMS_FILE} in {Path.cwd()} or any folder above it: run tunefile "
                                "inside a project (the folder with params.yaml and dvc.yaml, or below it)"])
     root = Path(root).resolve()
-    doc = load_yaml(root / PARAMS_FILE)
+    doc = load_yaml(root / PARAMS_FILE, root)
     try:
         params = Params.model_validate(doc.data or {})
     except ValidationError as exc:

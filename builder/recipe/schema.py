@@ -453,9 +453,9 @@ def load_recipe(path: Path, root: Path | None = None, checks: tuple[Check, ...] 
     with file:line (`checks` add the caller's, e.g. what this machine cannot train)."""
     path = Path(path)
     root = Path(root) if root is not None else Path.cwd()
-    doc = load_yaml(path)
+    doc = load_yaml(path, root)
     if not isinstance(doc.data, dict):
-        raise RecipeError([f"{path}:1: a recipe is a mapping of keys (name, base, sources, ...)"])
+        raise RecipeError([f"{doc.shown}:1: a recipe is a mapping of keys (name, base, sources, ...)"])
     try:
         recipe = Recipe.model_validate(doc.data)
     except ValidationError as exc:

@@ -40,14 +40,16 @@ _LLAMA = ("llama_cpp_python",)
 KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("generate", (), "generate", 1, _LLAMA, grouped=True),  # an in-process teacher's sampling
     StageKind("base", (), "base", 1, ("tokenizers", "torch", "transformers", "safetensors")),
-    StageKind("dataset", ("base", "generate"), "dataset", 5, _TOKENIZE),
+    StageKind("dataset", ("base", "generate"), "dataset", 6, _TOKENIZE),
     StageKind("pairs", ("base",), "pairs", 1, _TOKENIZE),
     StageKind("train", ("base", "dataset"), "train", 3, _TRAIN, trains=True),
     StageKind("preference", ("base", "train", "pairs"), "preference", 1, _TRAIN, trains=True),
-    StageKind("merge", ("base", "train", "preference"), "merge", 2, ("peft", "torch", "transformers", "safetensors")),
-    StageKind("gguf", ("merge",), "gguf", 1, _LLAMA),
+    # merge 3, gguf 2, eval 3: generation_config and the GGUF name the end-of-turn token; the stop rate
+    # counts only stops there (issue 24).
+    StageKind("merge", ("base", "train", "preference"), "merge", 3, ("peft", "torch", "transformers", "safetensors")),
+    StageKind("gguf", ("merge",), "gguf", 2, _LLAMA),
     StageKind("quantize", ("gguf",), "quantize", 1, _LLAMA, grouped=True),
-    StageKind("eval", ("gguf", "quantize", "dataset", "preference"), "evaluate", 2, _LLAMA, grouped=True),
+    StageKind("eval", ("gguf", "quantize", "dataset", "preference"), "evaluate", 3, _LLAMA, grouped=True),
 )}
 
 

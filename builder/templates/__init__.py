@@ -1,6 +1,6 @@
 """Chat templates: the built-in library, HF-identical rendering, and the trained character spans.
 
-    r = render_chat(source, messages, train_on="all_assistant")
+    r = render_chat(source, messages, train_on="all_assistant")   # source: Jinja text, or "chatml"
     r.text            # what transformers' apply_chat_template renders
     r.trained_spans   # [(start, end), ...] characters that carry loss
 
@@ -14,9 +14,12 @@ Only jinja2 is imported here, so validating and planning stay fast.
 """
 from __future__ import annotations
 
+import re
+from functools import cache
 from pathlib import Path
 
 from builder.files import read_json
+from builder.templates import spans
 from builder.templates.errors import TemplateError
 from builder.templates.sandbox import compile_template, has_generation_markers, render_template
 from builder.templates.spans import (
@@ -26,16 +29,42 @@ from builder.templates.spans import (
     append_eos,
     end_of_turn_marker,
     end_of_turn_markers,
-    render_chat,
     stop_texts,
 )
 
 TEMPLATE_DIR = Path(__file__).parent
 BUILTIN_TEMPLATES = {p.stem: p for p in sorted(TEMPLATE_DIR.glob("*.jinja"))}
+# A string like this is a template's name, never its Jinja source (which could not render a message).
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 __all__ = ["BUILTIN_TEMPLATES", "NO_END_OF_TURN", "TRAIN_ON", "RenderedChat", "TemplateError", "append_eos",
            "builtin_name", "compile_template", "end_of_turn_marker", "end_of_turn_markers", "has_generation_markers",
-           "read_template", "render_chat", "render_template", "saved_chat_template", "special_tokens", "stop_texts"]
+           "read_template", "render_chat", "render_template", "saved_chat_template", "special_tokens", "stop_texts",
+           "template_source_of"]
+
+
+@cache
+def _builtin_source(name: str) -> str:
+    return BUILTIN_TEMPLATES[name].read_text(encoding="utf-8")
+
+
+def template_source_of(template: str) -> str:
+    """Jinja source as given, or the source of the built-in template it names ("chatml")."""
+    if template in BUILTIN_TEMPLATES:
+        return _builtin_source(template)
+    if _TEMPLATE_NAME.fullmatch(template):
+        raise TemplateError(f"no built-in template '{template}'; render_chat takes Jinja source or one of "
+                            f"{', '.join(BUILTIN_TEMPLATES)}")
+    return template
+
+
+def render_chat(template_source: str, messages: list[dict], bos_token: str | None = "<s>",
+                eos_token: str | None = "</s>", add_generation_prompt: bool = False,
+                train_on: str = "all_assistant", **extra) -> RenderedChat:
+    """Render like HF's apply_chat_template and return the character spans that carry loss.
+    template_source is Jinja source, or the name of a built-in template (`render_chat("chatml", ...)`)."""
+    return spans.render_chat(template_source_of(template_source), messages, bos_token, eos_token,
+                             add_generation_prompt, train_on, **extra)
 
 
 def saved_chat_template(model_dir: Path) -> str | None:

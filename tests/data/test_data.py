@@ -107,16 +107,17 @@ def test_jsonl_chunks_split_lines_as_the_file_reader_does(tmp_path):
 
 def test_malformed_jsonl_rows_are_rejected_with_the_details_stored_rejects_hold(tmp_path):
     """Chunks in the store and rejects.jsonl hold these details: a new wording would give a cached
-    chunk and a rebuilt one different bytes under the same key."""
+    chunk and a rebuilt one different bytes under the same key (so it bumps shards.SHARD_VERSION).
+    The row number is the line; the detail names only the column within the row."""
     (tmp_path / "a.jsonl").write_bytes(b'{not json\n{"instruction": "Hi", "output": "Hello."}\n'
                                        b'{"instruction": "caf\xe9"}\n{"instruction": "Cut", \n')
     spec = SourceSpec(name="a", path="a.jsonl", format="alpaca")
     conversations, rejects, rows = read_source(spec, tmp_path)
     assert [c.row for c in conversations] == [2] and rows == 4
     assert [(r.row, r.reason, r.detail) for r in rejects] == [
-        (1, "bad_json", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        (1, "bad_json", "not JSON: Expecting property name enclosed in double quotes at column 2"),
         (3, "bad_encoding", "not UTF-8: byte 0xe9 at column 21"),
-        (4, "bad_json", "Expecting property name enclosed in double quotes: line 2 column 1 (char 24)")]
+        (4, "bad_json", "not JSON: Expecting property name enclosed in double quotes at column 24")]
     chunked = [r for c in raw_chunks(spec, tmp_path, 3) for r in to_conversations(spec, c.file, c.numbered())[1]]
     assert chunked == rejects
 

@@ -67,7 +67,7 @@ def test_preview_shows_tokens_and_their_labels(tmp_path):
 def test_preview_writes_an_html_page(tmp_path):
     page = tmp_path / "preview.html"
     text = preview(project_with(tmp_path), "default", n=3, html_path=page, color=False)
-    assert text.endswith(f"wrote {page}\n")
+    assert text == f"wrote {page}: 3 examples, 0 rejected\n"  # the page, not the terminal text too
     html = page.read_text()
     assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
     assert "<title>tunefile preview: default</title>" in html
@@ -88,6 +88,25 @@ def test_preview_shows_rejected_examples_with_the_reason(tmp_path):
     text = preview(project, "default", n=2, color=False)
     assert ("── example 1/2 · tips row 1 (data/tips.jsonl) · REJECTED template_error: chat template refused the "
             "conversation: no system role\n") in text
+
+
+def test_preview_shows_malformed_rows_in_their_place_with_the_reason(tmp_path):
+    project = project_with(tmp_path)
+    (project.root / "data" / "tips.jsonl").write_text(
+        json.dumps(TIPS[0]) + "\n{not json\n" + json.dumps({"instruction": "No answer."}) + "\n"
+        + json.dumps({"instruction": "Blank?", "output": " "}) + "\n")
+    text = preview(project, "default", n=5, color=False)
+    assert [line for line in text.splitlines() if line.startswith("──")] == [
+        "── example 1/5 · tips row 1 (data/tips.jsonl) · 14/79 characters trained",
+        "── example 2/5 · chats row 1 (data/chats.jsonl) · 30/176 characters trained",
+        "── example 3/5 · tips row 2 (data/tips.jsonl) · REJECTED bad_json: not JSON: Expecting property name "
+        "enclosed in double quotes at column 2",
+        "── example 4/5 · tips row 3 (data/tips.jsonl) · REJECTED missing_field: no 'output' field "
+        "(row has: instruction)",
+        "── example 5/5 · tips row 4 (data/tips.jsonl) · REJECTED empty_response: an assistant message is empty"]
+    page = tmp_path / "rejects.html"
+    assert preview(project, "default", n=5, html_path=page) == f"wrote {page}: 5 examples, 3 rejected\n"
+    assert page.read_text().count('<h2 class="rejected">') == 3
 
 
 def test_preview_with_a_custom_template_file(tmp_path):

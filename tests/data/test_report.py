@@ -24,21 +24,22 @@ STATS = {
     "length_histogram": {"edges": [0, 32, 64, 128, 256, 512],
                          "counts": {"chats": [0, 50, 200, 200, 50], "tips": [100, 400, 700, 250, 50]}},
 }
-RULE = ("------  ----  --------  ------------------------------------  -----  --------"
+RULE = ("------  ----  --------  -----------  -----  --------"
         "  ------  ----  -------  ----------  -------  -------  ---------  ------------")
 
 
 def test_table_has_a_row_per_source_in_recipe_order_a_total_and_every_reason():
+    # rejected and its top reasons leave out what dedup and filtered count (duplicate, min_chars, ...)
     assert format_stats_table(STATS) == "\n".join([
-        "source  rows  rejected  top reasons                           dedup  filtered"
+        "source  rows  rejected  top reasons  dedup  filtered"
         "  usable  eval  sampled  % examples   tokens  trained  % trained  mean/max tok",
         RULE,
-        "tips     250        11  min_chars 4, duplicate 3, bad_json 2      4         5"
+        "tips     250         2  bad_json 2       4         5"
         "     236    12    1,500       75.0%  123,456   45,678      69.0%      82.3/411",
-        "chats     40         3  bad_json 2, duplicate 1                   1         0"
+        "chats     40         2  bad_json 2       1         0"
         "      37     2      500       25.0%   61,000   20,500      31.0%     122.0/390",
         RULE,
-        "total    290        14  bad_json 4, duplicate 4, min_chars 4      5         5"
+        "total    290         4  bad_json 4       5         5"
         "     273    14    2,000      100.0%  184,456   66,178     100.0%      92.2/411",
         "",
         "rejects by reason:",
@@ -48,6 +49,21 @@ def test_table_has_a_row_per_source_in_recipe_order_a_total_and_every_reason():
     ])
 
 
+def test_a_dropped_row_is_counted_in_one_column_only():
+    """rejected (malformed, template refusals), dedup and filtered split the dropped rows: with one
+    conversation per row, rows = rejected + dedup + filtered + usable."""
+    reasons = {"bad_json": 1, "template_error": 1, "duplicate": 2, "near_duplicate": 1, "min_chars": 1}
+    stats = {"sources": {"a": {"rows": 10, "conversations": 9, "rejected": reasons, "malformed": 1,
+                               "deduplicated": 3, "filtered": 1, "usable": 4, "eval": 0, "train_pool": 4,
+                               "sampled": 4, "tokens": 40, "trained_tokens": 20, "mean_tokens": 10.0,
+                               "max_tokens": 12}}}
+    lines = format_stats_table(stats).splitlines()
+    assert lines[2].split() == ["a", "10", "2", "bad_json", "1,", "template_error", "1", "3", "1", "4", "0", "4",
+                                "100.0%", "40", "20", "100.0%", "10.0/12"]
+    assert total_row("\n".join(lines))[1:8] == ["10", "2", "bad_json", "1,", "template_error", "1", "3"]
+    assert lines[-1] == "  a: duplicate 2, bad_json 1, min_chars 1, near_duplicate 1, template_error 1"
+
+
 def total_row(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("total")][0].split()
 
@@ -55,7 +71,7 @@ def total_row(text: str) -> list[str]:
 def test_total_row_sums_sources_and_weights_the_mean_by_examples():
     # (82.3 * 1500 + 122.0 * 500) / 2000 = 92.225; max of 411 and 390
     assert total_row(format_stats_table(STATS)) == [
-        "total", "290", "14", "bad_json", "4,", "duplicate", "4,", "min_chars", "4", "5", "5", "273", "14",
+        "total", "290", "4", "bad_json", "4", "5", "5", "273", "14",
         "2,000", "100.0%", "184,456", "66,178", "100.0%", "92.2/411"]
 
 

@@ -54,7 +54,7 @@ def test_packing_does_not_leak_attention_across_examples(tiny_model):
 
 def test_publish_and_abandoned_temp_folders(tmp_path):
     """Temp folders of killed builds are removed; a live build's folder is not; publish swaps."""
-    from builder.engine.runner import _publish, remove_abandoned
+    from builder.engine.runner import publish, remove_abandoned
 
     out = tmp_path / "train"
     out.mkdir()
@@ -68,6 +68,6 @@ def test_publish_and_abandoned_temp_folders(tmp_path):
     assert sorted(p.name for p in removed) == [f".train.old-{dead.pid}", f".train.tmp-{dead.pid}"]
     assert live.is_dir()
     (live / "new.txt").write_text("new")
-    _publish(live, out)
+    publish(live, out)
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]

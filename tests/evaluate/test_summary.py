@@ -7,10 +7,11 @@ import json
 from builder.evaluate.summary import eval_metrics, eval_panels, format_quant_table, write_eval_png, write_eval_summary
 from builder.files import write_json
 
-BASE = {"perplexity": 800.0, "file_bytes": 2**20, "checks": {"stop_rate": 0.25, "prompt_strict": 0.5, "prompts": 4},
+BASE = {"perplexity": 800.0, "file_bytes": 2**20,
+        "checks": {"stop_rate": 0.25, "eos_stop_rate": 0.5, "prompt_strict": 0.5, "prompts": 4},
         "tasks": {"mc": {"acc": 0.25, "acc_norm": 0.5, "samples": 8}}}
 TUNED = {"perplexity": 600.0, "file_bytes": 3 * 2**19, "generation_tokens_per_second": 41.5,
-         "checks": {"stop_rate": 0.75, "prompt_strict": 0.5, "prompts": 4},
+         "checks": {"stop_rate": 0.75, "eos_stop_rate": 0.0, "prompt_strict": 0.5, "prompts": 4},
          "tasks": {"mc": {"acc": 0.375, "acc_norm": 0.5, "samples": 8}},
          "template_roundtrip": {"template_equal": True, "tokens_equal": True},
          "template_checks": {"no_double_bos": True}}
@@ -31,7 +32,8 @@ def test_each_tuned_file_gets_its_numbers_against_the_base_models(tmp_path):
     assert list(metrics) == ["base", "f16"] and metrics["base"] == BASE
     assert metrics["f16"]["vs_base"] == {
         "perplexity_base": 800.0, "perplexity_delta": -200.0, "perplexity_ratio": 0.75,
-        "stop_rate_base": 0.25, "stop_rate_delta": 0.5, "prompt_strict_base": 0.5, "prompt_strict_delta": 0.0,
+        "stop_rate_base": 0.25, "stop_rate_delta": 0.5, "eos_stop_rate_base": 0.5, "eos_stop_rate_delta": -0.5,
+        "prompt_strict_base": 0.5, "prompt_strict_delta": 0.0,
         "tasks": {"mc": {"acc_delta": 0.125, "acc_norm_delta": 0.0, "acc_base": 0.25, "acc_norm_base": 0.5}}}
     assert metrics["f16"]["preference"] == {"accuracy": 0.75, "accuracy_sft": 0.5}
 
@@ -48,8 +50,8 @@ def test_the_summary_files_are_the_metrics_and_a_panel_per_common_metric(tmp_pat
     written = (tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8")
     assert written == json.dumps(metrics, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     assert [title for title, _ in eval_panels(metrics)] == [
-        "perplexity (assistant tokens)", "stop rate", "instructions followed, strict (prompts)", "mc: acc",
-        "mc: acc_norm"]
+        "perplexity (assistant tokens)", "stop rate", "stops at EOS, not at the end of turn",
+        "instructions followed, strict (prompts)", "mc: acc", "mc: acc_norm"]
 
 
 def test_eval_plot_has_a_panel_per_metric_every_type_has(tmp_path):
@@ -75,12 +77,12 @@ def test_the_report_table_has_a_row_per_file_with_deltas_and_the_judge(tmp_path)
              "precision": "fp32", "padding_fraction": 0.11}
     assert format_quant_table(train, {"base": metrics["base"], "model-f16.gguf": metrics["f16"]}).splitlines() == [
         "train: 60 steps, train loss 6.5, eval loss 6.6, 4080.1 tokens/s on cpu (fp32), padding 11.0%",
-        "gguf             MiB  perplexity  vs base  vs first       stop rate       IF strict          mc acc"
-        "     judge win vs base  gen tok/s  template",
+        "gguf             MiB  perplexity  vs base  vs first       stop rate       EOS stops       IF strict"
+        "          mc acc     judge win vs base  gen tok/s  template",
         "--------------  ----  ----------  -------  --------  --------------  --------------  --------------"
-        "  --------------------  ---------  --------",
-        "base            1.00    800.0000        -         -           0.250           0.500           0.250"
-        "                     -          -  -",
-        "model-f16.gguf  1.50    600.0000  0.7500x   1.0000x  0.750 (+0.500)  0.500 (+0.000)  0.375 (+0.125)"
-        "  0.625 [0.250, 1.000]       41.5  ok",
+        "  --------------  --------------------  ---------  --------",
+        "base            1.00    800.0000        -         -           0.250           0.500           0.500"
+        "           0.250                     -          -  -",
+        "model-f16.gguf  1.50    600.0000  0.7500x   1.0000x  0.750 (+0.500)  0.000 (-0.500)  0.500 (+0.000)"
+        "  0.375 (+0.125)  0.625 [0.250, 1.000]       41.5  ok",
     ]

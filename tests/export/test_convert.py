@@ -1,14 +1,22 @@
 """The caller's side of HF -> GGUF conversion (builder/export/convert.py) and the model card: file
-names, the lineage keys written into a tuned GGUF, and the card's lineage table."""
+names, the lineage keys written into a tuned GGUF, the end-of-turn token ids read from a model
+folder's template, and the card's lineage table. (The converter itself, writing the end-of-turn
+key, is run in tests/train/test_merge_eos.py on a merged model.)"""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from builder import __version__
-from builder.export.convert import gguf_name, lineage_metadata
+from builder.export.convert import added_token_ids, end_of_turn_ids, gguf_name, lineage_metadata
 from builder.export.modelcard import render_model_card
 from builder.recipe.project import load_project
+from builder.templates import BUILTIN_TEMPLATES
 
+# A template with no end-of-turn token: a blank line, then the next turn's header.
+PLAIN = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
 KEYS = {"base": "kb", "dataset": "kd", "train": "kt", "merge": "km", "gguf": "kg"}
 
 
@@ -45,3 +53,23 @@ def test_the_model_card_lists_the_lineage_keys_it_is_given(tokenizer_project, tm
     assert lines[start:start + 7] == ["| stage | key |", "|---|---|", "| base | `kb` |", "| dataset | `kd` |",
                                       "| train | `kt` |", "| merge | `km` |", "| gguf | `kg` |"]
     assert "Final train loss None, eval loss None" in card  # no train metrics.json: an empty one
+
+
+@pytest.mark.parametrize(("template", "ids"), [
+    ("chatml", [4]),      # <|im_end|>, not EOS (</s> is 1)
+    ("llama-2", [1]),     # ` </s>` closes every answer: EOS is the end of turn
+    ("zephyr", [1]),      # `</s>` after each answer, then a newline
+    ("alpaca", [1]),      # EOS after each response
+    ("plain", []),        # no end-of-turn token: answers end at the EOS training appends
+    (None, []),           # no template at all
+])
+def test_end_of_turn_ids_are_the_tokens_that_close_an_answer(tiny_tokenizer, tmp_path, template, ids):
+    folder = tmp_path / "model"
+    tiny_tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    if template is not None:
+        (folder / "chat_template.jinja").write_text(
+            PLAIN if template == "plain" else BUILTIN_TEMPLATES[template].read_text(encoding="utf-8"))
+    assert added_token_ids(folder) == {"<s>": 0, "</s>": 1, "<pad>": 2, "<|im_start|>": 3, "<|im_end|>": 4}
+    assert end_of_turn_ids(folder) == ids
+    assert end_of_turn_ids(tmp_path / "no-such-folder") == [] and added_token_ids(tmp_path) == {}

@@ -83,7 +83,10 @@ def test_batch_generation_is_greedy_completion_and_cuts_at_a_stop_text(llm):
     for prompt, result in zip(prompts, made):
         llm.reset()
         out = llm.create_completion(prompt, max_tokens=4, temperature=0.0, seed=0)
+        stopped_on = result.pop("stopped_on")  # what create_completion does not say
         assert result == {"text": out["choices"][0]["text"], "tokens": out["usage"]["completion_tokens"],
                           "stopped": out["choices"][0]["finish_reason"] == "stop"}
-    assert too_long == [{"text": "", "tokens": 0, "stopped": False}]  # longer than the context: nothing
+        assert stopped_on == (token_text(llm, llm.token_eos()) if result["stopped"] else None)
+    assert too_long == [{"text": "", "tokens": 0, "stopped": False, "stopped_on": None}]  # longer than the context
     assert stopped[0]["stopped"] and stopped[0]["text"] == "" and stopped[0]["tokens"] < 4
+    assert stopped[0]["stopped_on"] == first_text  # the stop text it was cut at

@@ -18,6 +18,9 @@ def default_text() -> str:
     return (REPO / "recipes" / "default.yaml").read_text()
 
 
+SHOWN = "recipes/default.yaml"  # errors name a recipe inside the project relative to its root, as the docs do
+
+
 def test_default_recipe_loads():
     recipe = load_recipe(REPO / "recipes" / "default.yaml", root=REPO)
     assert recipe.name == "default"
@@ -50,7 +53,7 @@ def test_misspelt_key_names_file_line_and_allowed_keys(tmp_path):
         load_recipe(path, root=root)
     line = default_text().splitlines().index("  lr: 2.0e-4") + 1
     message = str(err.value)
-    assert f"{path}:{line}: unknown key 'train.leraning_rate'" in message
+    assert f"{SHOWN}:{line}: unknown key 'train.leraning_rate'" in message
     assert ("allowed here: batch_size, epochs, eval_steps, gradient_accumulation, gradient_checkpointing, lora, lr, "
             "max_grad_norm, max_length, method, neftune_alpha, packing, precision, scheduler, seed, train_on, "
             "warmup_ratio, weight_decay") in message
@@ -61,7 +64,7 @@ def test_unknown_quant_type_is_rejected_with_allowed_values(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path, root=root)
     line = next(i for i, text in enumerate(default_text().splitlines(), 1) if "quantize:" in text)
-    assert f"{path}:{line}: export.gguf.quantize: unknown quant type 'q4_k_z'; allowed: " in str(err.value)
+    assert f"{SHOWN}:{line}: export.gguf.quantize: unknown quant type 'q4_k_z'; allowed: " in str(err.value)
     assert "q4_k_m" in str(err.value) and "q8_0" in str(err.value)
 
 
@@ -70,7 +73,7 @@ def test_missing_source_file_is_an_error_before_building(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path, root=root)
     line = next(i for i, text in enumerate(default_text().splitlines(), 1) if "data/demo_chats.json" in text)
-    assert f"{path}:{line}: source 'demo_chats': no file matches 'data/nope.json'" in str(err.value)
+    assert f"{SHOWN}:{line}: source 'demo_chats': no file matches 'data/nope.json'" in str(err.value)
 
 
 @pytest.mark.parametrize("old,new,expected", [
@@ -87,7 +90,7 @@ def test_wrong_values_say_what_is_allowed(tmp_path, old, new, expected):
     with pytest.raises(RecipeError) as err:
         load_recipe(path, root=root)
     assert expected in str(err.value)
-    assert str(err.value).startswith(f"{path}:")
+    assert str(err.value).startswith(f"{SHOWN}:")
 
 
 def test_repeated_key_and_bad_yaml(tmp_path):
@@ -95,8 +98,26 @@ def test_repeated_key_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match=r"key 'mixture' repeated \(first at line \d+\)"):
         load_recipe(path, root=root)
     path.write_text("name: [unclosed\n")
-    with pytest.raises(RecipeError, match=r"default.yaml:\d+: invalid YAML"):
+    with pytest.raises(RecipeError, match=r"^recipes/default.yaml:\d+: invalid YAML"):
         load_recipe(path, root=root)
+
+
+def test_a_recipe_outside_the_project_is_named_by_its_absolute_path(tmp_path):
+    _, root = write(tmp_path, default_text())
+    outside = tmp_path / "elsewhere" / "default.yaml"
+    outside.parent.mkdir()
+    outside.write_text(default_text().replace("batch_size: 8", "batch_size: eight"))
+    line = next(i for i, text in enumerate(default_text().splitlines(), 1) if "batch_size: 8" in text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(outside, root=root)
+    assert str(err.value).startswith(f"{outside.resolve()}:{line}: train.batch_size: Input should be a valid integer")
+
+
+def test_the_readme_walks_through_recipes_default_yaml_as_it_is():
+    """The README quotes the demo recipe in full: the quote is the file, comments included."""
+    readme = (REPO / "README.md").read_text()
+    quoted = readme.split("This is `recipes/default.yaml`", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert quoted == default_text()
 
 
 def test_name_must_match_file(tmp_path):

@@ -60,3 +60,19 @@ def test_missing_and_folder_paths(tmp_path):
 
 def test_text_line_counts_newlines_before_the_offset():
     assert [text_line(b"ab\ncd\n\nx", k) for k in (0, 2, 3, 6, 7)] == [1, 1, 2, 3, 4]
+
+
+def test_errors_name_a_file_inside_the_root_relative_to_it_and_one_outside_absolutely(tmp_path):
+    (tmp_path / "project" / "recipes").mkdir(parents=True)
+    inside = tmp_path / "project" / "recipes" / "r.yaml"
+    inside.write_text("name: r\nname: s\n")
+    with pytest.raises(RecipeError) as caught:
+        load_yaml(inside, root=tmp_path / "project")
+    assert caught.value.problems == ["recipes/r.yaml:2: key 'name' repeated (first at line 1)"]
+    inside.write_text(TEXT)
+    assert load_yaml(inside, root=tmp_path / "project").where(("train", "lr")) == "recipes/r.yaml:3"
+    outside = tmp_path / "r.yaml"
+    outside.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError) as caught:
+        load_yaml(outside, root=tmp_path / "project")
+    assert caught.value.problems[0].startswith(f"{outside.resolve()}:2: invalid YAML")

@@ -116,6 +116,23 @@ def test_builtin_golden_text_and_spans(name):
     assert end_of_turn_marker(BUILTIN_TEMPLATES[name].read_text(), bos_token="<s>", eos_token="</s>") == MARKERS[name]
 
 
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_render_chat_takes_a_builtin_name_for_its_source(name):
+    source = BUILTIN_TEMPLATES[name].read_text()
+    for train_on in ("all_assistant", "last_assistant"):
+        by_name = render_chat(name, CONVERSATION, train_on=train_on)
+        assert by_name == render_chat(source, CONVERSATION, train_on=train_on)
+    by_keyword = render_chat(template_source=name, messages=CONVERSATION)  # the DESIGN's signature still holds
+    assert (by_keyword.text, trained_text(by_keyword)) == GOLDEN[name]
+
+
+def test_render_chat_refuses_a_name_that_is_no_builtin():
+    with pytest.raises(TemplateError) as refused:
+        render_chat("chatmlx", CONVERSATION)
+    assert str(refused.value) == ("no built-in template 'chatmlx'; render_chat takes Jinja source or one of "
+                                  + ", ".join(sorted(BUILTIN_TEMPLATES)))
+
+
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("name", sorted(GOLDEN))
