@@ -76,32 +76,6 @@ class StageStore:
                 return None
         return entry
 
-    def share(self, key: str, folder: Path) -> int:
-        """One copy on disk: where a file of `folder` (a published stage) holds the entry's content
-        under another inode (DVC's cache took the workspace file over and linked it anew), the
-        entry's file becomes a hard link to it. Returns the bytes this freed."""
-        entry = self.entry(key)
-        index = read_json(entry / INDEX, default=None)
-        freed = 0
-        for rel, digest in (index or {}).items() if isinstance(index, dict) else ():
-            mine, theirs = entry / rel, folder / rel
-            try:
-                kept, seen = mine.stat(), theirs.stat()
-            except OSError:
-                continue
-            if (kept.st_dev, kept.st_ino) == (seen.st_dev, seen.st_ino) or kept.st_dev != seen.st_dev \
-                    or kept.st_size != seen.st_size or hash_file(theirs) != digest:
-                continue
-            tmp = mine.with_name(f".{mine.name}.share-{os.getpid()}")
-            try:
-                os.link(theirs, tmp)
-                os.replace(tmp, mine)
-            except OSError:  # links not allowed here: both copies stay
-                tmp.unlink(missing_ok=True)
-                continue
-            freed += kept.st_size if kept.st_nlink == 1 else 0
-        return freed
-
     def get(self, key: str, dst: Path) -> bool:
         """Materialise the entry into the empty folder dst; False (and the entry dropped) when it is
         missing or any file's digest no longer matches."""

@@ -59,28 +59,3 @@ def test_a_second_build_of_a_recipe_is_refused_while_one_runs(tmp_path):
         except StageError:
             assert time.time() < deadline
             time.sleep(0.05)
-
-
-def test_share_makes_the_entry_and_a_relinked_output_one_copy(tmp_path):
-    """DVC's cache takes a published file over and links it anew (another inode, same bytes): share
-    makes the store's file a hard link to it; a file whose bytes differ keeps its own copy."""
-    from builder.store import StageStore
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.bin").write_bytes(b"weights" * 1000)
-    (out / "notes.txt").write_text("as built\n")
-    store = StageStore(tmp_path / "cache")
-    store.put("k" * 32, out)
-    entry = store.entry("k" * 32)
-    for name in ("model.bin", "notes.txt"):  # what DVC's commit does: a new inode with the same bytes
-        data = (out / name).read_bytes()
-        (out / name).unlink()
-        (out / name).write_bytes(data)
-    (out / "notes.txt").write_text("edited by hand\n")
-    assert store.share("k" * 32, out) == 7000
-    assert (entry / "model.bin").stat().st_ino == (out / "model.bin").stat().st_ino
-    assert (entry / "notes.txt").stat().st_ino != (out / "notes.txt").stat().st_ino
-    assert (entry / "notes.txt").read_text() == "as built\n"
-    assert store.share("k" * 32, out) == 0  # already one copy
-    assert store.verified("k" * 32) == entry

@@ -225,8 +225,6 @@ def run_stage(project: Project, recipe: Recipe, stage: Stage, plan: dict[str, St
         out = project.stage_dir(recipe.name, stage.name)
         tmp = _fresh_tmp(out)
         store = StageStore(project.cache_dir)
-        for name in stage.upstream:  # DVC has taken these outputs into its cache: keep one copy on disk
-            store.share(plan[name].key, project.stage_dir(recipe.name, name))
         started = time.time()
         try:
             restored = rank is None and store.get(stage.key, tmp)
