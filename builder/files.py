@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,8 +69,6 @@ class LineProblem:
 
     reason: str  # "bad_encoding" or "bad_json": countable, what a quarantined row is recorded as
     detail: str  # what was wrong, in the words of `FILE:LINE: detail`
-    # The decoder's own exception, for a caller whose stored words predate this reader (sources' rejects).
-    error: ValueError | None = field(default=None, compare=False, repr=False)
 
 
 def _encoding_detail(data: bytes, start: int, column: int) -> str:
@@ -90,7 +88,7 @@ def parse_jsonl(lines: Iterable[bytes | str], first: int = 1) -> Iterator[tuple[
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield number, LineProblem("bad_encoding", _encoding_detail(exc.object, exc.start, exc.start + 1), exc)
+                yield number, LineProblem("bad_encoding", _encoding_detail(exc.object, exc.start, exc.start + 1))
                 continue
         if not raw.strip():
             continue
@@ -99,7 +97,7 @@ def parse_jsonl(lines: Iterable[bytes | str], first: int = 1) -> Iterator[tuple[
         except json.JSONDecodeError as exc:
             # A line cut short fails past its own end (after the newline): point at its end instead.
             column = min(exc.pos, len(raw.rstrip("\r\n"))) + 1
-            yield number, LineProblem("bad_json", _json_detail(exc, column), exc)
+            yield number, LineProblem("bad_json", _json_detail(exc, column))
 
 
 def _read_bytes(path: Path, shown: str) -> bytes:

@@ -36,11 +36,9 @@ def test_parse_jsonl_numbers_lines_skips_blanks_and_puts_problems_in_place():
         (17, {"s": "\u00e9"})]
 
 
-def test_a_line_problem_keeps_the_decoders_own_exception():
+def test_a_line_problem_names_the_column_within_the_row():
     (_, problem), = parse_jsonl([b'{"a": 1,}\n'])
-    assert problem.reason == "bad_json"
-    assert problem.detail == "not JSON: Expecting property name enclosed in double quotes at column 9"
-    assert str(problem.error) == "Expecting property name enclosed in double quotes: line 1 column 9 (char 8)"
+    assert problem == LineProblem("bad_json", "not JSON: Expecting property name enclosed in double quotes at column 9")
 
 
 def test_read_jsonl_gives_numbered_values(tmp_path):
